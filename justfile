@@ -1,0 +1,67 @@
+# petald developer workflow. `just` lists the recipes; `just setup` is idempotent and fast when
+# nothing changed (uv checks the installed set, cargo rebuilds only what changed).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv"
+py := venv / "bin/python"
+export VIRTUAL_ENV := venv
+export PATH := venv / "bin:" + env_var("PATH")
+
+default:
+    @just --list
+
+# Create .venv, install torch and the other dependencies, build the extension in release mode.
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # py-libp2p needs fastecdsa, built from source against GMP.
+    if [ ! -e /usr/include/gmp.h ] && [ ! -e /usr/include/x86_64-linux-gnu/gmp.h ]; then
+        if [ "$(id -u)" = 0 ]; then
+            apt-get update -qq && apt-get install -y -qq libgmp-dev >/dev/null
+        else
+            echo "petald setup: GMP headers missing; run: sudo apt-get install libgmp-dev" >&2; exit 1
+        fi
+    fi
+    command -v uv >/dev/null || python3 -m pip install -q uv
+    [ -x "{{py}}" ] || uv venv -q --python 3.11 "{{venv}}" || uv venv -q "{{venv}}"
+    uv pip install -q -p "{{py}}" -r pyproject.toml --extra dev --extra gguf --extra quant
+    maturin develop -q --release --uv 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^🛠" || true
+    "{{py}}" -c "import petald._native" || { echo "petald setup: extension failed to import" >&2; exit 1; }
+
+# Build the Rust extension into the venv (release).
+build:
+    maturin develop -q --release --uv
+
+# The main job. For now: show the Rust core (framing, codecs, routing table) at work.
+demo: setup
+    petald core-demo
+
+# All tests: Rust, then Python.
+test: setup test-rs test-py
+
+# Rust unit and property tests (petald-core runs without Python).
+test-rs:
+    if command -v cargo-nextest >/dev/null; then cargo nextest run -p petald-core --no-fail-fast; else cargo test -p petald-core; fi
+
+# Python tests (unit, property, swarm).
+test-py *args:
+    "{{py}}" -m pytest {{args}}
+
+# ruff (check + format), cargo fmt, clippy -D warnings, stubtest of the native module.
+lint:
+    "{{py}}" -m ruff check python tests bench
+    "{{py}}" -m ruff format --check python tests bench
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    "{{py}}" -m mypy.stubtest petald._native --ignore-missing-stub
+
+# Apply formatters.
+fmt:
+    "{{py}}" -m ruff format python tests bench
+    "{{py}}" -m ruff check --fix python tests bench
+    cargo fmt --all
+
+# Benchmarks: ratios against baselines measured in the same run.
+bench: setup
+    "{{py}}" bench/bench_core.py

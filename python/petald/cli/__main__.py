@@ -1,0 +1,5 @@
+import sys
+
+from petald.cli import main
+
+sys.exit(main())
