@@ -5,8 +5,32 @@ numpy arrays of any dtype) and are read without copying. Errors are the classes 
 `petald.errors`: `FrameError` and `CodecError` (both `ValueError`) for frames and codecs,
 `RoutingTableError` (a `ValueError`) for Kademlia arguments."""
 
-from collections.abc import Buffer, Sequence
-from typing import Final, Literal
+from collections.abc import Sequence
+from typing import Final, Literal, Self, final
+
+from typing_extensions import Buffer
+
+__all__ = [
+    "CHUNK_HEADER_LEN",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_TENSOR_BYTES",
+    "FRAME_VERSION",
+    "KEY_LEN",
+    "MAX_CHUNK_SIZE",
+    "MAX_PEER_ID_LEN",
+    "MIN_CHUNK_SIZE",
+    "ClosestPeersLookup",
+    "DecodedTensor",
+    "FrameDecoder",
+    "RoutingTable",
+    "canonical_codec",
+    "decode",
+    "dtype_names",
+    "encode",
+    "encode_chunks",
+    "peer_key",
+    "xor_distance",
+]
 
 FRAME_VERSION: Final[int]
 """Version byte of the petald tensor frame this build writes and reads."""
@@ -56,6 +80,7 @@ def canonical_codec(spec: str) -> str:
 def dtype_names() -> list[str]:
     """The dtypes a frame can carry, spelled as torch spells them."""
 
+@final
 class DecodedTensor:
     """A decoded tensor: `data` is a memoryview into the frame when no decoding was needed
     (one chunk, codec "none"), else a new bytearray."""
@@ -69,11 +94,12 @@ class DecodedTensor:
     @property
     def data(self) -> memoryview | bytearray: ...
 
+@final
 class FrameDecoder:
     """Incremental decoder for one frame arriving in pieces of any size. Memory grows with
     the bytes received, never with sizes a peer declares. After an error it stays failed."""
 
-    def __init__(self, max_tensor_bytes: int = ..., max_chunk_body: int = ...) -> None: ...
+    def __new__(cls, max_tensor_bytes: int = ..., max_chunk_body: int = ...) -> Self: ...
     def feed(self, data: Buffer) -> int:
         """Consume bytes of this frame; return how many (it stops at the frame's end)."""
 
@@ -88,12 +114,13 @@ def peer_key(peer: bytes) -> bytes:
 def xor_distance(a: bytes, b: bytes) -> bytes:
     """XOR of two 32-byte keys, big-endian."""
 
+@final
 class RoutingTable:
     """Kademlia k-buckets (LRS order, replacement cache, stale eviction) with fast closest-peer
     queries. Sans-IO: the caller passes `now` (monotonic seconds) and performs the pings."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         local_peer: bytes,
         *,
         k: int = 20,
@@ -101,7 +128,7 @@ class RoutingTable:
         stale_after_failures: int = 5,
         refresh_interval: float = 3600.0,
         now: float = 0.0,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def local_key(self) -> bytes: ...
     @property
@@ -118,7 +145,7 @@ class RoutingTable:
         """Record that `peer` did not answer: (outcome, promoted replacement, failures)."""
 
     def remove(self, peer: bytes) -> bool: ...
-    def __contains__(self, peer: bytes) -> bool: ...
+    def __contains__(self, peer: bytes, /) -> bool: ...
     def __len__(self) -> int: ...
     def closest(self, target: bytes, n: int) -> list[bytes]:
         """The `n` peers nearest to the 32-byte key `target`, nearest first."""
@@ -139,12 +166,13 @@ class RoutingTable:
     def random_key_in_bucket(self, index: int, seed: bytes) -> bytes:
         """A key in bucket `index`'s range, derived from 32 random bytes `seed`."""
 
+@final
 class ClosestPeersLookup:
     """One iterative FIND_NODE lookup (Kademlia §2.3) as a state machine: call `next(now)`
     and send the queries it asks for; report answers with `on_success`/`on_failure`."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         target: bytes,
         seeds: Sequence[bytes],
         *,
@@ -154,7 +182,7 @@ class ClosestPeersLookup:
         peer_timeout: float = 10.0,
         max_closer_per_response: int = 20,
         now: float = 0.0,
-    ) -> None: ...
+    ) -> Self: ...
     def next(self, now: float) -> tuple[Literal["query", "waiting", "finished"], bytes | None]: ...
     def on_success(self, peer: bytes, closer_peers: Sequence[bytes], now: float) -> bool: ...
     def on_failure(self, peer: bytes, now: float) -> bool: ...

@@ -9,7 +9,17 @@ from hypothesis.extra import numpy as hnp
 
 from petald.wire import TensorStreamDecoder, pack, pack_array, unpack_array
 
-LOSSLESS_DTYPES = ["float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"]
+LOSSLESS_DTYPES = [
+    "float32",
+    "float16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+]
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=9)
 
 
@@ -24,12 +34,16 @@ def test_lossless_codecs_are_identity(data: st.DataObject, codec: str) -> None:
 
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
-float_arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=300), elements=finite)
+float_arrays = hnp.arrays(
+    np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=300), elements=finite
+)
 
 
 @settings(max_examples=150, deadline=None)
 @given(float_arrays, st.sampled_from([64, 256]), st.booleans())
-def test_int8_error_is_at_most_half_a_step_of_its_block(x: np.ndarray, block: int, zstd: bool) -> None:
+def test_int8_error_is_at_most_half_a_step_of_its_block(
+    x: np.ndarray, block: int, zstd: bool
+) -> None:
     codec = ("int8" if block == 64 else "int8-256") + ("+zstd" if zstd else "")
     y = unpack_array(pack_array(x, codec))
     flat_x, flat_y = x.reshape(-1), y.reshape(-1)
@@ -58,7 +72,9 @@ def test_half_precision_codecs_relative_bounds(x: np.ndarray) -> None:
     st.integers(256, 4096),
     st.lists(st.integers(1, 5000), min_size=1, max_size=30),
 )
-def test_chunked_stream_reassembles_in_order(payload: bytes, chunk_size: int, cuts: list[int]) -> None:
+def test_chunked_stream_reassembles_in_order(
+    payload: bytes, chunk_size: int, cuts: list[int]
+) -> None:
     x = np.frombuffer(payload, dtype=np.uint8)
     frame = pack_array(x, "zstd:1", chunk_size=chunk_size) + b"NEXT FRAME"
     dec = TensorStreamDecoder()

@@ -11,7 +11,17 @@ from petald import _native
 # numpy has no bfloat16; bf16 frames are unpacked with `petald.wire.unpack` (torch).
 _NUMPY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name)
-    for name in ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+    for name in (
+        "float32",
+        "float16",
+        "float64",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+    )
 }
 
 

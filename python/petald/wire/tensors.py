@@ -68,7 +68,9 @@ def unpack(
 ) -> torch.Tensor:
     """Decodes one frame into a tensor (on `device` if given). Raises `FrameError`/`CodecError`
     (both `ValueError`s) for anything malformed or over the limits."""
-    decoded = _native.decode(frame, max_tensor_bytes=max_tensor_bytes, max_chunk_body=max_chunk_body)
+    decoded = _native.decode(
+        frame, max_tensor_bytes=max_tensor_bytes, max_chunk_body=max_chunk_body
+    )
     return _to_tensor(decoded, device)
 
 

@@ -13,7 +13,6 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from petald import _native
 from petald.errors import CodecError, FrameError
 from petald.wire import TensorStreamDecoder, pack_array, unpack_array
 
@@ -26,7 +25,9 @@ def chunk(body: bytes, index: int = 0, count: int = 1, version: int = 1) -> byte
     return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(body, seed=seed)) + body
 
 
-def tensor_header(dtype: int, shape: list[int], payload_len: int, lossy: int = 0, zstd: int = 0) -> bytes:
+def tensor_header(
+    dtype: int, shape: list[int], payload_len: int, lossy: int = 0, zstd: int = 0
+) -> bytes:
     n = len(shape)
     return struct.pack(f"<BBBBIQ{n}Q", dtype, lossy, zstd, n, 0, payload_len, *shape)
 
