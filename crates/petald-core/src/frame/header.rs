@@ -14,7 +14,15 @@
 //!               8 payload_len u64 | 16 dims u64 * ndim
 //! ```
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use twox_hash::XxHash3_64;
+
+fn xxh3_64(data: &[u8]) -> u64 {
+    XxHash3_64::oneshot(data)
+}
+
+fn xxh3_64_with_seed(data: &[u8], seed: u64) -> u64 {
+    XxHash3_64::oneshot_with_seed(seed, data)
+}
 
 use super::FrameError;
 use crate::codec::Codec;
