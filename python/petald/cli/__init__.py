@@ -4,9 +4,13 @@ user input exit with status 2 and a one-line message, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from petald import __version__
+from petald.errors import PetaldError
+from petald.p2p.config import P2PConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +25,55 @@ def _parser() -> argparse.ArgumentParser:
         help="show the Rust core at work: tensor frames, codecs and the Kademlia routing table",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    node = sub.add_parser(
+        "node",
+        help="run a daemon that serves no blocks: a bootstrap peer, DHT node and relay",
+        description="Run a petald daemon without blocks. Prints one JSON line with its peer id "
+        "and addresses once reachable; stops cleanly on SIGINT/SIGTERM.",
+    )
+    add_p2p_args(node)
     return parser
+
+
+def add_p2p_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--listen",
+        nargs="+",
+        metavar="MULTIADDR",
+        help="addresses to listen on (default: /ip4/0.0.0.0/tcp/0, a port the OS chooses)",
+    )
+    p.add_argument(
+        "--announce", nargs="+", metavar="MULTIADDR", default=[], help="addresses to advertise"
+    )
+    p.add_argument(
+        "--initial-peers",
+        nargs="+",
+        metavar="MULTIADDR",
+        default=[],
+        help="peers to join through, full addresses ending in /p2p/<peer id>",
+    )
+    p.add_argument(
+        "--new-swarm", action="store_true", help="start a new swarm instead of joining one"
+    )
+    p.add_argument(
+        "--identity",
+        type=Path,
+        metavar="PATH",
+        help="key file (created mode 0600 on first start; default ~/.local/share/petald/identity.key)",
+    )
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def p2p_config(args: argparse.Namespace) -> P2PConfig:
+    from petald.p2p.config import DEFAULT_LISTEN
+
+    return P2PConfig(
+        listen=tuple(args.listen or DEFAULT_LISTEN),
+        announce=tuple(args.announce),
+        initial_peers=tuple(args.initial_peers),
+        new_swarm=args.new_swarm,
+        identity=args.identity,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +83,22 @@ def main(argv: list[str] | None = None) -> int:
             from petald.cli.core_demo import run
 
             return run(seed=args.seed)
+        if args.command == "node":
+            from petald.p2p.daemon import main as daemon_main
+
+            logging.basicConfig(
+                level=args.log_level.upper(),
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+            return daemon_main(p2p_config(args))
     except KeyboardInterrupt:
         return 130
     except ValueError as e:
         print(f"petald: {e}", file=sys.stderr)
         return 2
+    except PetaldError as e:
+        print(f"petald: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,81 @@
+"""The petald daemon process: identity, libp2p host and (as they land) the DHT, gossip and relay
+services, under one trio nursery. It prints one JSON line on stdout once it is reachable, so
+scripts and tests can wait for it, and stops cleanly on SIGINT/SIGTERM by cancelling the
+nursery. Entry point: `run_daemon(config)`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+import trio
+
+from petald.p2p.config import P2PConfig
+from petald.p2p.host import P2PHost
+from petald.p2p.identity import default_identity_path, load_or_create_identity
+
+log = logging.getLogger(__name__)
+
+
+def ready_line(host: P2PHost) -> str:
+    from petald import __version__
+
+    return json.dumps(
+        {"event": "ready", "peer_id": host.peer_id, "addrs": host.addrs(), "version": __version__}
+    )
+
+
+async def _stop_on_signal(
+    cancel: Callable[[], None], *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for sig in signals:
+            log.info("received %s, stopping", signal.Signals(sig).name)
+            cancel()
+            return
+
+
+async def run_daemon(
+    config: P2PConfig, *, announce_ready: Callable[[str], None] | None = None
+) -> None:
+    """Runs until cancelled or signalled. `announce_ready` receives the JSON ready line
+    (default: print it on stdout)."""
+    identity_path = config.identity or default_identity_path()
+    key_pair, created = load_or_create_identity(identity_path)
+    if created:
+        log.info("created identity %s", identity_path)
+    host = P2PHost(key_pair, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signal, nursery.cancel_scope.cancel)
+        await nursery.start(host.run)
+        line = ready_line(host)
+        if announce_ready is None:
+            print(line, flush=True)
+        else:
+            announce_ready(line)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+def main(config: P2PConfig) -> int:
+    try:
+        trio.run(run_daemon, config)
+    except BaseExceptionGroup as group:
+        # trio wraps errors raised in nurseries; a start-up failure such as "no initial peer
+        # answered" is one error, and the CLI should print its message, not a group traceback.
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+    print(json.dumps({"event": "stopped"}), flush=True)
+    sys.stdout.flush()
+    return 0
