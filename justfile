@@ -65,3 +65,7 @@ fmt:
 # Benchmarks: ratios against baselines measured in the same run.
 bench: setup
     "{{py}}" bench/bench_core.py
+
+# Regenerate the committed Python code for proto/ (pinned protoc; tests fail on drift).
+proto:
+    "{{py}}" proto/generate.py

@@ -8,8 +8,10 @@ from __future__ import annotations
 __all__ = [
     "CodecError",
     "FrameError",
+    "MessageError",
     "PeerUnavailable",
     "PetaldError",
+    "RecordError",
     "RemoteError",
     "RoutingError",
     "RoutingTableError",
@@ -58,3 +60,16 @@ class RemoteError(PetaldError):
 
 class SessionClosed(PetaldError):
     """The session was closed (by us, the peer or a timeout) and takes no more steps."""
+
+
+class MessageError(WireError, ValueError):
+    """A DHT message from a peer is malformed: bad length prefix, protobuf, enum or limits."""
+
+
+class RecordError(WireError, ValueError):
+    """A signed DHT record is malformed, forged, tampered with, expired or too large.
+    `reason` is a `petald.dht.records.RejectReason` value, for the daemon's counters."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason

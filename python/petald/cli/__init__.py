@@ -32,15 +32,23 @@ def _parser() -> argparse.ArgumentParser:
         "and addresses once reachable; stops cleanly on SIGINT/SIGTERM.",
     )
     add_p2p_args(node)
+    dht = sub.add_parser("dht", help="read or write a record in a swarm's DHT (as a client)")
+    dht.add_argument("op", choices=["get", "put"])
+    dht.add_argument("key")
+    dht.add_argument("value", nargs="?")
+    dht.add_argument("--ttl", type=float, default=600.0, help="seconds a put record lives")
+    dht.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds per DHT request")
+    add_p2p_args(dht, listen_default="/ip4/127.0.0.1/tcp/0")
     return parser
 
 
-def add_p2p_args(p: argparse.ArgumentParser) -> None:
+def add_p2p_args(p: argparse.ArgumentParser, *, listen_default: str | None = None) -> None:
     p.add_argument(
         "--listen",
         nargs="+",
         metavar="MULTIADDR",
-        help="addresses to listen on (default: /ip4/0.0.0.0/tcp/0, a port the OS chooses)",
+        default=[listen_default] if listen_default else None,
+        help=f"addresses to listen on (default: {listen_default or '/ip4/0.0.0.0/tcp/0'})",
     )
     p.add_argument(
         "--announce", nargs="+", metavar="MULTIADDR", default=[], help="addresses to advertise"
@@ -59,7 +67,8 @@ def add_p2p_args(p: argparse.ArgumentParser) -> None:
         "--identity",
         type=Path,
         metavar="PATH",
-        help="key file (created mode 0600 on first start; default ~/.local/share/petald/identity.key)",
+        help="key file, created mode 0600 on first start (default: "
+        "~/.local/share/petald/identity.key)",
     )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
@@ -84,13 +93,20 @@ def main(argv: list[str] | None = None) -> int:
 
             return run(seed=args.seed)
         if args.command == "node":
-            from petald.p2p.daemon import main as daemon_main
+            from petald.daemon import main as daemon_main
 
             logging.basicConfig(
                 level=args.log_level.upper(),
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
             return daemon_main(p2p_config(args))
+        if args.command == "dht":
+            from petald.cli.dht import run as dht_run
+
+            logging.basicConfig(level=args.log_level.upper())
+            return dht_run(
+                p2p_config(args), args.op, args.key, args.value, args.ttl, args.rpc_timeout
+            )
     except KeyboardInterrupt:
         return 130
     except ValueError as e:

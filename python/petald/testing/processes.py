@@ -56,6 +56,14 @@ class DaemonProcess:
             sel.close()
         raise TimeoutError(f"no {event!r} line within {timeout} s: {self.log()}")
 
+    def wait_ready(self, timeout: float) -> dict:
+        try:
+            self.ready = self.read_event("ready", timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self.ready
+
     def log(self) -> str:
         return "\n".join(self.output[-40:])
 
@@ -83,15 +91,11 @@ class DaemonProcess:
         self.stop()
 
 
-def start_daemon(
-    command: str,
-    *args: str,
-    identity: Path,
-    ready_timeout: float = 60.0,
-    env: dict[str, str] | None = None,
+def spawn_daemon(
+    command: str, *args: str, identity: Path, env: dict[str, str] | None = None
 ) -> DaemonProcess:
-    """Starts `petald <command> --listen /ip4/127.0.0.1/tcp/0 ... <args>` and waits until it
-    is ready. stderr is merged into stdout so a failure shows the daemon's own words."""
+    """Starts `petald <command> --listen /ip4/127.0.0.1/tcp/0 ... <args>` without waiting.
+    stderr is merged into stdout so a failure shows the daemon's own words."""
     cmd = [sys.executable, "-m", "petald.cli", command, "--listen", "/ip4/127.0.0.1/tcp/0"]
     cmd += ["--identity", str(identity), *args]
     proc = subprocess.Popen(
@@ -101,10 +105,81 @@ def start_daemon(
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
-    daemon = DaemonProcess(proc)
-    try:
-        daemon.ready = daemon.read_event("ready", timeout=ready_timeout)
-    except BaseException:
-        daemon.stop()
-        raise
+    return DaemonProcess(proc)
+
+
+def start_daemon(
+    command: str,
+    *args: str,
+    identity: Path,
+    ready_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> DaemonProcess:
+    """`spawn_daemon`, then wait until it is ready (its JSON ready line)."""
+    daemon = spawn_daemon(command, *args, identity=identity, env=env)
+    daemon.wait_ready(ready_timeout)
     return daemon
+
+
+def start_swarm(n: int, tmp: Path, *, ready_timeout: float = 90.0) -> list[DaemonProcess]:
+    """A bootstrap `petald node --new-swarm` and n-1 more joining through it, started in
+    parallel. The caller stops them (`stop_all`)."""
+    first = start_daemon("node", "--new-swarm", identity=tmp / "node0.key")
+    rest = [
+        spawn_daemon("node", "--initial-peers", first.addr, identity=tmp / f"node{i}.key")
+        for i in range(1, n)
+    ]
+    try:
+        for d in rest:
+            d.wait_ready(ready_timeout)
+    except BaseException:
+        stop_all([first, *rest])
+        raise
+    return [first, *rest]
+
+
+def stop_all(daemons: list[DaemonProcess]) -> None:
+    for d in daemons:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGTERM)
+    for d in daemons:
+        d.stop()
+
+
+def petald_json(*args: str, timeout: float = 90) -> dict:
+    """Runs a short-lived `petald` command and returns its JSON result line."""
+    r = subprocess.run(
+        [sys.executable, "-m", "petald.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def petald_json_many(commands: list[list[str]], timeout: float = 120) -> list[dict]:
+    """Runs several `petald` commands concurrently (each is its own client process)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "petald.cli", *c],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        for c in commands
+    ]
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            assert p.returncode == 0, stdout + stderr
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out

@@ -1,4 +1,4 @@
-"""The petald daemon process: identity, libp2p host and (as they land) the DHT, gossip and relay
+"""The petald daemon process: identity, libp2p host, the DHT and (as they land) gossip and relay
 services, under one trio nursery. It prints one JSON line on stdout once it is reachable, so
 scripts and tests can wait for it, and stops cleanly on SIGINT/SIGTERM by cancelling the
 nursery. Entry point: `run_daemon(config)`."""
@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import trio
 
+from petald.dht.node import DhtConfig, DhtNode
 from petald.p2p.config import P2PConfig
 from petald.p2p.host import P2PHost
 from petald.p2p.identity import default_identity_path, load_or_create_identity
@@ -40,7 +41,10 @@ async def _stop_on_signal(
 
 
 async def run_daemon(
-    config: P2PConfig, *, announce_ready: Callable[[str], None] | None = None
+    config: P2PConfig,
+    *,
+    dht_config: DhtConfig | None = None,
+    announce_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Runs until cancelled or signalled. `announce_ready` receives the JSON ready line
     (default: print it on stdout)."""
@@ -52,6 +56,7 @@ async def run_daemon(
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, nursery.cancel_scope.cancel)
         await nursery.start(host.run)
+        await nursery.start(DhtNode(host.host, dht_config).run)
         line = ready_line(host)
         if announce_ready is None:
             print(line, flush=True)
@@ -66,9 +71,9 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
-def main(config: P2PConfig) -> int:
+def main(config: P2PConfig, dht_config: DhtConfig | None = None) -> int:
     try:
-        trio.run(run_daemon, config)
+        trio.run(lambda: run_daemon(config, dht_config=dht_config))
     except BaseExceptionGroup as group:
         # trio wraps errors raised in nurseries; a start-up failure such as "no initial peer
         # answered" is one error, and the CLI should print its message, not a group traceback.

@@ -1,0 +1,348 @@
+"""`DhtNode`: petald's Kademlia DHT on libp2p — the Rust routing table and lookup state machine
+(petald._native) driven over `DhtRpc`, plus the local store of signed records.
+
+Entry points: `await nursery.start(node.run)`, then `get(key)`, `put(record)` and
+`find_peers(key)`. Server mode (the default for daemons) answers requests; client mode only asks,
+and never enters other peers' routing tables: a peer is added to a table only after *we* reached
+it, so peers others cannot dial stay out (the paper's §2.2 table holds contacts that answered).
+
+Values under a key are one signed record per publisher (subkey = its peer id): a GET returns all
+of them, bundled as a CBOR list in the protobuf record's value; a PUT carries one."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import cbor2
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+
+from petald._native import ClosestPeersLookup, RoutingTable
+from petald.dht.records import RecordStore, SignedRecord
+from petald.dht.rpc import DhtRpc
+from petald.errors import PeerUnavailable, RecordError, RemoteError
+from petald.wire.kad_messages import (
+    MAX_CLOSER_PEERS,
+    MAX_RECORD_VALUE_BYTES,
+    PROTOCOL_ID,
+    DhtRecord,
+    KadMessage,
+    MessageType,
+    PeerRecord,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DhtConfig:
+    k: int = 20  # bucket size and replication (Kademlia §2.2)
+    alpha: int = 3  # lookup parallelism (§2.3)
+    rpc_timeout: float = 5.0
+    lookup_timeout: float = 30.0
+    refresh_interval: float = 600.0  # §2.3 says an hour; petald swarms churn faster
+    client_mode: bool = False
+
+
+def kad_key(key: bytes) -> bytes:
+    """Position of a record key (or a peer id's bytes) in the 256-bit key space."""
+    return hashlib.sha256(key).digest()
+
+
+def _wall() -> float:
+    return time.time()
+
+
+class DhtNode:
+    def __init__(self, host: IHost, config: DhtConfig | None = None) -> None:
+        self.host = host
+        self.config = config or DhtConfig()
+        self.local_id = host.get_id()
+        self.table = RoutingTable(
+            self.local_id.to_bytes(),
+            k=self.config.k,
+            refresh_interval=self.config.refresh_interval,
+            now=trio.current_time(),
+        )
+        self.store = RecordStore()
+        # Records refused at the edge (bad signature, tampered, expired, ...) by reason; the
+        # store counts its own refusals in `store.rejected`.
+        self.rejected: Counter[str] = Counter()
+        self.rpc = DhtRpc(host, self._handle, rpc_timeout=self.config.rpc_timeout)
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    def _peer_records(self, peers: Iterable[bytes]) -> tuple[PeerRecord, ...]:
+        store = self.host.get_peerstore()
+        out = []
+        for p in peers:
+            try:
+                addrs = store.addrs(ID(p))
+            except Exception:  # unknown or expired in the peerstore: skip, do not guess
+                continue
+            out.append(PeerRecord(p, tuple(a.to_bytes() for a in addrs[:16])))
+        return tuple(out)
+
+    def _closer(self, key: bytes) -> tuple[PeerRecord, ...]:
+        return self._peer_records(self.table.closest(kad_key(key), MAX_CLOSER_PEERS))
+
+    def _maybe_add_requester(self, peer: ID) -> None:
+        """A peer that asks us something enters our table only if it serves the DHT itself
+        (identify lists our protocol): client-mode and unreachable peers never register the
+        handler, so they never become contacts others would be sent to."""
+        if peer.to_bytes() in self.table:
+            self._seen_alive(peer.to_bytes())
+            return
+        try:
+            serves = self.host.get_peerstore().supports_protocols(peer, [PROTOCOL_ID])
+        except Exception:  # not identified yet: the next request will tell
+            return
+        if serves:
+            self._seen_alive(peer.to_bytes())
+
+    async def _handle(self, peer: ID, msg: KadMessage) -> KadMessage | None:
+        now = _wall()
+        self._maybe_add_requester(peer)
+        if msg.type == MessageType.PING:
+            return KadMessage(MessageType.PING)
+        if msg.type == MessageType.FIND_NODE:
+            return KadMessage(
+                MessageType.FIND_NODE, key=msg.key, closer_peers=self._closer(msg.key)
+            )
+        if msg.type == MessageType.GET_VALUE:
+            records = self.store.get(msg.key, now)
+            bundle = _bundle(records)
+            record = DhtRecord(msg.key, bundle) if records else None
+            return KadMessage(
+                MessageType.GET_VALUE,
+                key=msg.key,
+                record=record,
+                closer_peers=self._closer(msg.key),
+            )
+        if msg.type == MessageType.PUT_VALUE and msg.record is not None:
+            try:
+                record = SignedRecord.from_bytes(msg.record.value, now=now)
+            except RecordError as e:
+                self.rejected[e.reason] += 1
+                return None
+            if record.key != msg.key:
+                return None
+            self.store.put(record, now)
+            return msg  # the spec's acknowledgement echoes the request
+        return None  # provider records are not used by petald
+
+    # ---- asking ----------------------------------------------------------------------------
+
+    def _learn(self, peers: Iterable[PeerRecord]) -> list[bytes]:
+        """Adds the addresses peers told us about to the peerstore; returns their ids."""
+        store = self.host.get_peerstore()
+        ids = []
+        for p in peers:
+            if p.peer_id == self.local_id.to_bytes():
+                continue
+            addrs = []
+            for a in p.addrs:
+                try:
+                    addrs.append(multiaddr.Multiaddr(a))
+                except Exception:  # a peer's garbage address is ignored, not fatal
+                    continue
+            try:
+                pid = ID(p.peer_id)
+            except Exception:
+                continue
+            if addrs:
+                store.add_addrs(pid, addrs, 0)
+            ids.append(p.peer_id)
+        return ids
+
+    def _seen_alive(self, peer: bytes) -> None:
+        outcome, to_ping = self.table.update(peer, trio.current_time())
+        if outcome == "pending" and to_ping is not None:
+            # §2.2: a full bucket keeps its oldest contact if it still answers. We leave the
+            # ping to the next refresh; the newcomer waits in the replacement cache.
+            log.debug("bucket full; %s waits as a replacement", ID(peer))
+
+    async def _lookup(self, request: KadMessage) -> tuple[list[bytes], list[KadMessage]]:
+        """Iterative lookup (§2.3) for `request.key`, sending `request` to each peer the state
+        machine picks. Returns the closest peers that answered and every answer."""
+        now = trio.current_time()
+        target = kad_key(request.key)
+        seeds = self.table.closest(target, self.config.k)
+        lookup = ClosestPeersLookup(
+            target,
+            seeds,
+            local_peer=self.local_id.to_bytes(),
+            alpha=self.config.alpha,
+            num_results=self.config.k,
+            peer_timeout=self.config.rpc_timeout,
+            now=now,
+        )
+        answers: list[KadMessage] = []
+        progress = trio.Event()
+
+        async def ask(peer: bytes) -> None:
+            nonlocal progress
+            try:
+                answer = await self.rpc.request(ID(peer), request)
+            except (PeerUnavailable, RemoteError) as e:
+                log.debug("lookup: %s", e)
+                lookup.on_failure(peer, trio.current_time())
+                self.table.on_failure(peer, trio.current_time())
+            else:
+                answers.append(answer)
+                closer = self._learn(answer.closer_peers)
+                lookup.on_success(peer, closer, trio.current_time())
+                self._seen_alive(peer)
+            progress.set()
+
+        with trio.move_on_after(self.config.lookup_timeout):
+            async with trio.open_nursery() as nursery:
+                # Bounded: each step either queries a new peer (finite candidates) or waits
+                # for an answer or a peer timeout.
+                while True:
+                    step, peer = lookup.next(trio.current_time())
+                    if step == "finished":
+                        break
+                    if step == "query" and peer is not None:
+                        nursery.start_soon(ask, peer)
+                        continue
+                    progress = trio.Event()
+                    with trio.move_on_after(self.config.rpc_timeout):
+                        await progress.wait()
+                nursery.cancel_scope.cancel()
+        self.table.mark_refreshed(_bucket_of(self.table, target), trio.current_time())
+        return lookup.result(), answers
+
+    async def find_peers(self, key: bytes) -> list[bytes]:
+        """The k peers closest to `key` that answered."""
+        closest, _ = await self._lookup(KadMessage(MessageType.FIND_NODE, key=key))
+        return closest
+
+    async def get(self, key: bytes) -> list[SignedRecord]:
+        """Every valid, unexpired record under `key` found on the k closest peers and locally,
+        newest per publisher. Forged, tampered or expired records are dropped and counted."""
+        _, answers = await self._lookup(KadMessage(MessageType.GET_VALUE, key=key))
+        now = _wall()
+        found: dict[bytes, SignedRecord] = {r.subkey: r for r in self.store.get(key, now)}
+        for a in answers:
+            if a.record is None or a.record.key != key:
+                continue
+            for r in _unbundle(a.record.value, now, self.rejected):
+                if r.key == key and (
+                    r.subkey not in found or r.expiration > found[r.subkey].expiration
+                ):
+                    found[r.subkey] = r
+        return [found[s] for s in sorted(found)]
+
+    async def put(self, record: SignedRecord) -> int:
+        """Stores `record` locally and on the k peers closest to its key; returns how many
+        peers acknowledged."""
+        self.store.put(record, _wall())
+        closest = await self.find_peers(record.key)
+        request = KadMessage(
+            MessageType.PUT_VALUE, key=record.key, record=DhtRecord(record.key, record.to_bytes())
+        )
+        acked = 0
+
+        async def one(peer: bytes) -> None:
+            nonlocal acked
+            try:
+                await self.rpc.request(ID(peer), request)
+                acked += 1
+            except (PeerUnavailable, RemoteError) as e:
+                log.debug("put: %s", e)
+
+        async with trio.open_nursery() as nursery:
+            for p in closest:
+                nursery.start_soon(one, p)
+        return acked
+
+    # ---- lifetime --------------------------------------------------------------------------
+
+    async def bootstrap(self, peers: Iterable[ID]) -> None:
+        """Adds the peers we are connected to, then looks ourselves up (§2.3: a joining node
+        learns its neighbourhood and announces itself to it)."""
+        for p in peers:
+            self._seen_alive(p.to_bytes())
+        await self.find_peers(self.local_id.to_bytes())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await trio.sleep(self.config.refresh_interval / 4)
+            self.store.expire(_wall())
+            for bucket in self.table.buckets_to_refresh(trio.current_time())[:8]:
+                key = await trio.to_thread.run_sync(_key_in_bucket, self.table.local_key, bucket)
+                if key is not None:
+                    await self._lookup(KadMessage(MessageType.FIND_NODE, key=key))
+                self.table.mark_refreshed(bucket, trio.current_time())
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        if not self.config.client_mode:
+            self.rpc.serve()
+        connected = [p for p in self.host.get_connected_peers() if p != self.local_id]
+        await self.bootstrap(connected)
+        task_status.started(self)
+        await self._refresh_forever()
+
+
+# Refreshing bucket b needs a message key whose SHA-256 lands in b, found by trying random keys:
+# about 2^(256-b) tries, so only the far buckets are refreshed this way (2^16 tries at most).
+# Nearer buckets hold ~0 peers unless the swarm has > 2^16 of them; the self-lookup covers them.
+MAX_REFRESH_TRIES = 1 << 16
+
+
+def _key_in_bucket(local_key: bytes, bucket: int) -> bytes | None:
+    local = int.from_bytes(local_key, "big")
+    for _ in range(min(MAX_REFRESH_TRIES, 1 << max(256 - bucket, 0))):
+        key = secrets.token_bytes(32)
+        if (int.from_bytes(kad_key(key), "big") ^ local).bit_length() - 1 == bucket:
+            return key
+    return None
+
+
+def _bucket_of(table: RoutingTable, target: bytes) -> int:
+    from petald._native import xor_distance
+
+    d = int.from_bytes(xor_distance(table.local_key, target), "big")
+    return max(d.bit_length() - 1, 0)
+
+
+def _bundle(records: list[SignedRecord]) -> bytes:
+    """CBOR list of encoded records, newest first, cut to what one protobuf record may hold."""
+    out: list[bytes] = []
+    size = 1
+    for r in sorted(records, key=lambda r: -r.expiration):
+        b = r.to_bytes()
+        if size + len(b) + 5 > MAX_RECORD_VALUE_BYTES:
+            break
+        out.append(b)
+        size += len(b) + 5
+    return cbor2.dumps(out)
+
+
+def _unbundle(data: bytes, now: float, rejected: Counter[str]) -> list[SignedRecord]:
+    try:
+        items = cbor2.loads(data)
+    except Exception:
+        return []
+    if not isinstance(items, list):
+        return []
+    out = []
+    for item in items[: MAX_CLOSER_PEERS * 8]:
+        if not isinstance(item, bytes):
+            continue
+        try:
+            out.append(SignedRecord.from_bytes(item, now=now))
+        except RecordError as e:
+            rejected[e.reason] += 1
+    return out
