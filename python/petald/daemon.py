@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 import trio
 
+from petald.dht.announce import AnnounceConfig, Announcer
 from petald.dht.node import DhtConfig, DhtNode
 from petald.p2p.config import P2PConfig
 from petald.p2p.host import P2PHost
 from petald.p2p.identity import default_identity_path, load_or_create_identity
+from petald.p2p.swarm_view import SwarmView
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ async def run_daemon(
     config: P2PConfig,
     *,
     dht_config: DhtConfig | None = None,
+    announce_config: AnnounceConfig | None = None,
     announce_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Runs until cancelled or signalled. `announce_ready` receives the JSON ready line
@@ -55,8 +58,13 @@ async def run_daemon(
     host = P2PHost(key_pair, config)
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, nursery.cancel_scope.cancel)
+        # Protocol handlers and gossipsub first, connections after: see DhtNode and Announcer.
+        dht = DhtNode(host.host, dht_config)
+        announcer = Announcer(host.host, dht, key_pair, SwarmView(), announce_config)
         await nursery.start(host.run)
-        await nursery.start(DhtNode(host.host, dht_config).run)
+        await nursery.start(announcer.run)
+        await host.join()
+        await nursery.start(dht.run)
         line = ready_line(host)
         if announce_ready is None:
             print(line, flush=True)
@@ -71,9 +79,13 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
-def main(config: P2PConfig, dht_config: DhtConfig | None = None) -> int:
+def main(
+    config: P2PConfig,
+    dht_config: DhtConfig | None = None,
+    announce_config: AnnounceConfig | None = None,
+) -> int:
     try:
-        trio.run(lambda: run_daemon(config, dht_config=dht_config))
+        trio.run(lambda: run_daemon(config, dht_config=dht_config, announce_config=announce_config))
     except BaseExceptionGroup as group:
         # trio wraps errors raised in nurseries; a start-up failure such as "no initial peer
         # answered" is one error, and the CLI should print its message, not a group traceback.

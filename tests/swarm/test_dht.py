@@ -93,6 +93,7 @@ async def test_forged_tampered_and_expired_records_are_refused(swarm8: list[Daem
     }
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
+        await host.join()
         target = swarm8[5]
         for name, record in forged.items():
             assert not await _put_raw(rpc, target, key, record.to_bytes()), name
@@ -118,6 +119,7 @@ async def test_malformed_requests_leave_the_daemon_serving(swarm8: list[DaemonPr
     ]
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
+        await host.join()
         for p in payloads:
             stream = await host.host.new_stream(target, [TProtocol(PROTOCOL_ID)])
             await stream.write(p)

@@ -42,8 +42,9 @@ async def _run(
         key_pair = create_new_key_pair()  # a reader needs no lasting identity
     host = P2PHost(key_pair, config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
         dht = DhtNode(host.host, DhtConfig(client_mode=True, rpc_timeout=rpc_timeout))
+        await nursery.start(host.run)
+        await host.join()
         await nursery.start(dht.run)
         if op == "put":
             record = sign_record(key_pair.private_key, key, value, time.time() + ttl)

@@ -1,7 +1,8 @@
 """`DhtNode`: petald's Kademlia DHT on libp2p — the Rust routing table and lookup state machine
 (petald._native) driven over `DhtRpc`, plus the local store of signed records.
 
-Entry points: `await nursery.start(node.run)`, then `get(key)`, `put(record)` and
+Construct it before the host connects anywhere (it registers its protocol handler), then
+`await nursery.start(node.run)`, then `get(key)`, `put(record)` and
 `find_peers(key)`. Server mode (the default for daemons) answers requests; client mode only asks,
 and never enters other peers' routing tables: a peer is added to a table only after *we* reached
 it, so peers others cannot dial stay out (the paper's §2.2 table holds contacts that answered).
@@ -77,6 +78,10 @@ class DhtNode:
         # store counts its own refusals in `store.rejected`.
         self.rejected: Counter[str] = Counter()
         self.rpc = DhtRpc(host, self._handle, rpc_timeout=self.config.rpc_timeout)
+        if not self.config.client_mode:
+            # Registered before the host connects anywhere: a peer that asks right after
+            # connecting must not be told "protocol not supported".
+            self.rpc.serve()
 
     # ---- serving ---------------------------------------------------------------------------
 
@@ -287,8 +292,6 @@ class DhtNode:
     async def run(
         self, *, task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        if not self.config.client_mode:
-            self.rpc.serve()
         connected = [p for p in self.host.get_connected_peers() if p != self.local_id]
         await self.bootstrap(connected)
         task_status.started(self)

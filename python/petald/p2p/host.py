@@ -2,8 +2,8 @@
 TCP, Noise (no plaintext, TLS or secio: py-libp2p accepts all of them by default), yamux,
 identify and ping — joined to the swarm through the initial peers.
 
-Run it with `await nursery.start(host.run)`; it reports itself started once listening and
-connected to at least one initial peer (or at once with `new_swarm`)."""
+Run it with `await nursery.start(host.run)` (started once listening), start the services that
+must see every connection, then `await host.join()` to connect to the initial peers."""
 
 from __future__ import annotations
 
@@ -89,16 +89,21 @@ class P2PHost:
                 nursery.start_soon(one, p)
         return ok
 
+    async def join(self) -> None:
+        """Connects to the initial peers; raises `PeerUnavailable` if none answers. Separate
+        from `run` so services that must see every connection (gossipsub) start in between."""
+        peers = self.config.initial_peer_infos()
+        if peers and await self._join(peers) == 0:
+            raise PeerUnavailable(
+                "none of the initial peers answered; check the addresses, or start a new "
+                "swarm with --new-swarm"
+            )
+
     async def run(
         self, *, task_status: trio.TaskStatus[P2PHost] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Listens until cancelled; reports started once listening (not yet joined)."""
         listen: list[multiaddr.Multiaddr] = self.config.listen_addrs()
         async with self.host.run(listen_addrs=listen):
-            peers = self.config.initial_peer_infos()
-            if peers and await self._join(peers) == 0:
-                raise PeerUnavailable(
-                    "none of the initial peers answered; check the addresses, or start a new "
-                    "swarm with --new-swarm"
-                )
             task_status.started(self)
             await trio.sleep_forever()

@@ -1,0 +1,232 @@
+"""Server announcements: each server's signed `ServerInfo`, spread by gossipsub (one topic per
+model) and stored in the DHT (under the model's key and each served block's key), merged into
+the `SwarmView` every peer keeps.
+
+Why both: py-libp2p's gossipsub drops messages under bursts (shared/notes/py-libp2p.md: 10-53%
+delivered at 20+ msg/s), and a peer that joins late missed every earlier message. Gossip makes
+changes fast; heartbeats repair drops; the DHT answers late joiners. An announcement carries a
+signed expiry a few heartbeats ahead, so a server that dies silently drops out of every view.
+
+Entry point: construct `Announcer(...)` and `await nursery.start(it.run)` before the host
+connects anywhere (a peer that connects before gossipsub runs is never meshed); then
+`announce(info)` (a server) and `watch(model)` (anyone interested in a model)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from petald.dht.node import DhtNode
+from petald.dht.records import SignedRecord, sign_record
+from petald.errors import RecordError
+from petald.p2p.swarm_view import ServerEntry, SwarmView
+from petald.types import AnnouncementError, ServerInfo
+
+log = logging.getLogger(__name__)
+
+TOPIC_PREFIX = "petald/v1/servers/"
+# A peer follows at most this many models' topics: each costs a subscription and a DHT refresh.
+MAX_WATCHED_MODELS = 64
+
+
+def topic_for(model: str) -> str:
+    return TOPIC_PREFIX + model
+
+
+def model_key(model: str) -> bytes:
+    return f"petald/v1/{model}/servers".encode()
+
+
+def block_key(model: str, block: int) -> bytes:
+    return f"petald/v1/{model}/block/{block}".encode()
+
+
+@dataclass(frozen=True)
+class AnnounceConfig:
+    heartbeat: float = 30.0  # seconds between re-announcements (and DHT re-reads)
+    ttl: float = 95.0  # signed expiry: three heartbeats and a margin
+    gossip_heartbeat: int = 1  # gossipsub mesh maintenance (py-libp2p's default is 120 s)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat < self.ttl:
+            raise ValueError("announcement heartbeat must be positive and below the ttl")
+
+
+class Announcer:
+    def __init__(
+        self,
+        host: IHost,
+        dht: DhtNode,
+        key_pair: KeyPair,
+        view: SwarmView,
+        config: AnnounceConfig | None = None,
+    ) -> None:
+        self.host = host
+        self.dht = dht
+        self.key_pair = key_pair
+        self.view = view
+        self.config = config or AnnounceConfig()
+        self.gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V11],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=self.config.gossip_heartbeat,
+        )
+        self.pubsub = Pubsub(host, self.gossipsub)
+        self.rejected: Counter[str] = Counter()
+        self._info: ServerInfo | None = None
+        self._changed = trio.Event()
+        self._watched: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._view_changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._view_changed.set()
+        self._view_changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[SwarmView], bool], *, timeout: float) -> None:
+        """Waits until `predicate(view)` holds, re-checking on every change of the view.
+        Raises `trio.TooSlowError` after `timeout` seconds."""
+        with trio.fail_after(timeout):
+            while not predicate(self.view):
+                await self._view_changed.wait()
+
+    # ---- receiving -------------------------------------------------------------------------
+
+    def accept(self, data: bytes, model: str, source: str) -> bool:
+        """Validates one announcement (signature, expiry, key, content) and merges it into the
+        view if it is newer. Returns whether it was valid; anything invalid is dropped and
+        counted, never raised."""
+        now = time.time()
+        try:
+            record = SignedRecord.from_bytes(data, now=now)
+            if record.key != model_key(model):
+                raise AnnouncementError("announcement for another model's key")
+            info = ServerInfo.from_cbor(record.value)
+            if info.model != model:
+                raise AnnouncementError("announcement names another model")
+        except RecordError as e:
+            self.rejected[e.reason] += 1
+            return False
+        except AnnouncementError:
+            self.rejected["bad_announcement"] += 1
+            return False
+        # The signed expiry orders one publisher's announcements: a later one expires later.
+        entry = ServerEntry(
+            str(ID(record.subkey)), info, record.expiration, record.expiration, source
+        )
+        self.view.update(entry, now=now)
+        return True
+
+    def _validator(self, model: str):
+        def validate(_forwarder: ID, msg) -> bool:
+            # Runs before gossipsub forwards a message: invalid ones stop here.
+            return self.accept(msg.data, model, "gossip")
+
+        return validate
+
+    async def _receive(self, model: str) -> None:
+        sub = await self.pubsub.subscribe(topic_for(model))
+        async for _ in sub:
+            pass  # accepted (or dropped) by the topic validator already
+
+    async def refresh_from_dht(self, model: str) -> int:
+        """Reads the model's announcements from the DHT; returns how many were valid."""
+        records = await self.dht.get(model_key(model))
+        return sum(self.accept(r.to_bytes(), model, "dht") for r in records)
+
+    async def watch(self, model: str) -> None:
+        """Follows `model`: its gossip topic, and its DHT key now and every heartbeat."""
+        if model in self._watched or self._nursery is None:
+            return
+        if len(self._watched) >= MAX_WATCHED_MODELS:
+            log.warning("not following %s: already following %d models", model, MAX_WATCHED_MODELS)
+            return
+        self._watched.add(model)
+        self.pubsub.set_topic_validator(topic_for(model), self._validator(model), False)
+        self._nursery.start_soon(self._receive, model)
+        await self.refresh_from_dht(model)
+
+    async def _discover_models(self) -> None:
+        """Follows every model some peer's topics mention, so a bootstrap node and
+        `petald status` see the whole swarm without being told its models."""
+        while True:
+            for topic in list(self.pubsub.peer_topics):
+                if topic.startswith(TOPIC_PREFIX):
+                    await self.watch(topic[len(TOPIC_PREFIX) :])
+            await trio.sleep(min(1.0, self.config.heartbeat))
+
+    # ---- publishing ------------------------------------------------------------------------
+
+    def announce(self, info: ServerInfo | None) -> None:
+        """Sets what this peer serves (None: nothing) and publishes it at once."""
+        self._info = info
+        self._changed.set()
+
+    async def _publish(self, info: ServerInfo) -> None:
+        now = time.time()
+        record = sign_record(
+            self.key_pair.private_key, model_key(info.model), info.to_cbor(), now + self.config.ttl
+        )
+        data = record.to_bytes()
+        self.accept(data, info.model, "self")
+        await self.watch(info.model)
+        try:
+            await self.pubsub.publish(topic_for(info.model), data)
+        except Exception as e:  # no peers yet, or a transient send failure: heartbeats retry
+            log.debug("gossip publish failed: %s", e)
+        blocks = [
+            sign_record(
+                self.key_pair.private_key,
+                block_key(info.model, b),
+                info.to_cbor(),
+                now + self.config.ttl,
+            )
+            for b in range(info.blocks.start, info.blocks.end)
+        ]
+        limiter = trio.CapacityLimiter(4)  # bounded fan-out of DHT puts
+
+        async def put(r: SignedRecord) -> None:
+            async with limiter:
+                await self.dht.put(r)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put, record)
+            for r in blocks:
+                nursery.start_soon(put, r)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            with trio.move_on_after(self.config.heartbeat):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            if self._info is not None:
+                await self._publish(self._info)
+            for model in list(self._watched):
+                await self.refresh_from_dht(model)
+            if self.view.expire(time.time()):
+                self._notify()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Announcer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
+            await self.pubsub.wait_until_ready()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._discover_models)
+                nursery.start_soon(self._heartbeat)
+                task_status.started(self)
+                await trio.sleep_forever()
