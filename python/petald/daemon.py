@@ -16,19 +16,29 @@ import trio
 from petald.dht.announce import AnnounceConfig, Announcer
 from petald.dht.node import DhtConfig, DhtNode
 from petald.p2p.config import P2PConfig
+from petald.p2p.dialback import DialBackService, determine_reachability
+from petald.p2p.dialer import Dialer
+from petald.p2p.echo import EchoService
 from petald.p2p.host import P2PHost
 from petald.p2p.identity import default_identity_path, load_or_create_identity
+from petald.p2p.relay import RelayService
 from petald.p2p.swarm_view import SwarmView
 
 log = logging.getLogger(__name__)
 
 
-def ready_line(host: P2PHost) -> str:
+def ready_line(host: P2PHost, reachability: str | None = None) -> str:
     from petald import __version__
 
-    return json.dumps(
-        {"event": "ready", "peer_id": host.peer_id, "addrs": host.addrs(), "version": __version__}
-    )
+    line = {
+        "event": "ready",
+        "peer_id": host.peer_id,
+        "addrs": host.addrs(),
+        "version": __version__,
+    }
+    if reachability is not None:
+        line["reachability"] = reachability
+    return json.dumps(line)
 
 
 async def _stop_on_signal(
@@ -59,13 +69,29 @@ async def run_daemon(
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, nursery.cancel_scope.cancel)
         # Protocol handlers and gossipsub first, connections after: see DhtNode and Announcer.
-        dht = DhtNode(host.host, dht_config)
+        relay = RelayService(
+            host.host, offer_hop=config.relay, on_addrs_changed=host.set_circuit_addrs
+        )
+        dht = DhtNode(host.host, dht_config, dialer=Dialer(host.host, relay.transport))
         announcer = Announcer(host.host, dht, key_pair, SwarmView(), announce_config)
+        EchoService(host.host).serve()
         await nursery.start(host.run)
+        await nursery.start(relay.run)
+        await nursery.start(DialBackService(host.host).run)
         await nursery.start(announcer.run)
+        t0 = trio.current_time()
         await host.join()
+        t1 = trio.current_time()
         await nursery.start(dht.run)
-        line = ready_line(host)
+        t2 = trio.current_time()
+        log.info("joined in %.2f s, DHT bootstrapped in %.2f s", t1 - t0, t2 - t1)
+        # Private: stop offering HOP, reserve on relays among our peers, advertise the circuit
+        # addresses (ready line and identify) before we say we are ready.
+        reachability = await determine_reachability(host.host, config.reachability)
+        log.info("reachability in %.2f s: %s", trio.current_time() - t2, reachability)
+        if await relay.adopt(reachability.status):
+            await host.push_addrs()
+        line = ready_line(host, reachability.status)
         if announce_ready is None:
             print(line, flush=True)
         else:

@@ -39,6 +39,21 @@ def _parser() -> argparse.ArgumentParser:
     dht.add_argument("--ttl", type=float, default=600.0, help="seconds a put record lives")
     dht.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds per DHT request")
     add_p2p_args(dht, listen_default="/ip4/127.0.0.1/tcp/0")
+    ping = sub.add_parser(
+        "ping",
+        help="measure round trips to a peer over /petald/echo (direct or through a relay)",
+        description="Connect to MULTIADDR (a /p2p-circuit address goes through its relay), run "
+        "round trips over /petald/echo/1.0.0 and print one JSON line.",
+    )
+    ping.add_argument("multiaddr", metavar="MULTIADDR", help="full address ending in /p2p/<id>")
+    ping.add_argument("--count", type=int, default=10, help="round trips (default: 10)")
+    ping.add_argument(
+        "--payload-bytes", type=int, default=1024, help="bytes per round trip (default: 1024)"
+    )
+    ping.add_argument("--timeout", type=float, default=60.0, help="seconds for the whole run")
+    ping.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
     return parser
 
 
@@ -70,6 +85,19 @@ def add_p2p_args(p: argparse.ArgumentParser, *, listen_default: str | None = Non
         help="key file, created mode 0600 on first start (default: "
         "~/.local/share/petald/identity.key)",
     )
+    p.add_argument(
+        "--reachability",
+        default="auto",
+        choices=["auto", "public", "private"],
+        help="auto (default): ask connected peers to dial us back after joining; private: "
+        "reserve a slot on a relay and advertise the /p2p-circuit address",
+    )
+    p.add_argument(
+        "--no-relay",
+        dest="relay",
+        action="store_false",
+        help="do not relay for private peers, even when publicly reachable",
+    )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -82,6 +110,8 @@ def p2p_config(args: argparse.Namespace) -> P2PConfig:
         initial_peers=tuple(args.initial_peers),
         new_swarm=args.new_swarm,
         identity=args.identity,
+        reachability=args.reachability,
+        relay=args.relay,
     )
 
 
@@ -107,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             return dht_run(
                 p2p_config(args), args.op, args.key, args.value, args.ttl, args.rpc_timeout
             )
+        if args.command == "ping":
+            from petald.cli.ping import run as ping_run
+
+            logging.basicConfig(level=args.log_level.upper())
+            return ping_run(args.multiaddr, args.count, args.payload_bytes, args.timeout)
     except KeyboardInterrupt:
         return 130
     except ValueError as e:

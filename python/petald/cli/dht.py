@@ -14,8 +14,10 @@ from libp2p.peer.id import ID
 from petald.dht.node import DhtConfig, DhtNode
 from petald.dht.records import SignedRecord, sign_record
 from petald.p2p.config import P2PConfig
+from petald.p2p.dialer import Dialer
 from petald.p2p.host import P2PHost
 from petald.p2p.identity import default_identity_path, load_or_create_identity
+from petald.p2p.relay import RelayService
 
 
 def _record_json(r: SignedRecord) -> dict:
@@ -42,8 +44,15 @@ async def _run(
         key_pair = create_new_key_pair()  # a reader needs no lasting identity
     host = P2PHost(key_pair, config)
     async with trio.open_nursery() as nursery:
-        dht = DhtNode(host.host, DhtConfig(client_mode=True, rpc_timeout=rpc_timeout))
+        # Relay transport only (no HOP, no reservation): private DHT servers are reached
+        # through their /p2p-circuit addresses.
+        relay = RelayService(host.host, offer_hop=False)
+        dialer = Dialer(host.host, relay.transport)
+        dht = DhtNode(
+            host.host, DhtConfig(client_mode=True, rpc_timeout=rpc_timeout), dialer=dialer
+        )
         await nursery.start(host.run)
+        await nursery.start(relay.run)
         await host.join()
         await nursery.start(dht.run)
         if op == "put":

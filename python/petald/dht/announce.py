@@ -127,7 +127,8 @@ class Announcer:
         entry = ServerEntry(
             str(ID(record.subkey)), info, record.expiration, record.expiration, source
         )
-        self.view.update(entry, now=now)
+        if self.view.update(entry, now=now):
+            self._notify()
         return True
 
     def _validator(self, model: str):

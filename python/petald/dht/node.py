@@ -30,6 +30,7 @@ from petald._native import ClosestPeersLookup, RoutingTable
 from petald.dht.records import RecordStore, SignedRecord
 from petald.dht.rpc import DhtRpc
 from petald.errors import PeerUnavailable, RecordError, RemoteError
+from petald.p2p.dialer import Dialer
 from petald.wire.kad_messages import (
     MAX_CLOSER_PEERS,
     MAX_RECORD_VALUE_BYTES,
@@ -63,7 +64,9 @@ def _wall() -> float:
 
 
 class DhtNode:
-    def __init__(self, host: IHost, config: DhtConfig | None = None) -> None:
+    def __init__(
+        self, host: IHost, config: DhtConfig | None = None, *, dialer: Dialer | None = None
+    ) -> None:
         self.host = host
         self.config = config or DhtConfig()
         self.local_id = host.get_id()
@@ -77,7 +80,7 @@ class DhtNode:
         # Records refused at the edge (bad signature, tampered, expired, ...) by reason; the
         # store counts its own refusals in `store.rejected`.
         self.rejected: Counter[str] = Counter()
-        self.rpc = DhtRpc(host, self._handle, rpc_timeout=self.config.rpc_timeout)
+        self.rpc = DhtRpc(host, self._handle, rpc_timeout=self.config.rpc_timeout, dialer=dialer)
         if not self.config.client_mode:
             # Registered before the host connects anywhere: a peer that asks right after
             # connecting must not be told "protocol not supported".

@@ -18,6 +18,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from petald.errors import MessageError, PeerUnavailable, RemoteError
+from petald.p2p.dialer import Dialer
 from petald.wire.kad_messages import PROTOCOL_ID, KadMessage, encode_message, read_message
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,12 @@ class DhtRpc:
     """Sends requests and serves them with `handler` (which returns the response or None to
     refuse). `counters` records what was refused and why, for `petald status`."""
 
-    def __init__(self, host: IHost, handler: Handler, *, rpc_timeout: float) -> None:
+    def __init__(
+        self, host: IHost, handler: Handler, *, rpc_timeout: float, dialer: Dialer | None = None
+    ) -> None:
         self.host = host
+        # Connects (direct, else through a relay) before each request; None: direct only.
+        self.dialer = dialer
         self.handler = handler
         self.rpc_timeout = rpc_timeout
         self.counters: Counter[str] = Counter()
@@ -86,6 +91,8 @@ class DhtRpc:
         stream: INetStream | None = None
         try:
             with trio.fail_after(self.rpc_timeout):
+                if self.dialer is not None:
+                    await self.dialer.ensure_connected(peer)
                 stream = await self.host.new_stream(peer, [TProtocol(PROTOCOL_ID)])
                 await stream.write(encode_message(message))
                 response = await read_message(stream)
@@ -95,7 +102,7 @@ class DhtRpc:
             raise RemoteError(str(peer), "malformed", str(e)) from None
         except trio.TooSlowError:
             raise PeerUnavailable(f"{peer}: no DHT answer within {self.rpc_timeout} s") from None
-        except trio.Cancelled:
+        except (trio.Cancelled, PeerUnavailable):
             raise
         except Exception as e:  # dial and stream errors come in many py-libp2p types
             raise PeerUnavailable(f"{peer}: {type(e).__name__}: {e}") from None

@@ -1,5 +1,6 @@
 """The libp2p layer: the host (TCP, Noise, yamux, identify, ping), the persistent identity,
-and (next) gossip announcements and circuit relay. Entry point: `P2PHost`."""
+reachability checks (`dialback`), circuit relay v2 (`relay`), the connection policy every
+component dials through (`dialer`) and the echo diagnostic (`echo`). Entry point: `P2PHost`."""
 
 from petald.p2p.config import P2PConfig
 from petald.p2p.host import P2PHost

@@ -11,6 +11,9 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 # Tests pass 127.0.0.1 port 0; a home server listens on every interface, port chosen by the OS.
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
+# auto: ask connected peers to dial us back after joining (petald.p2p.dialback); public/private:
+# trust the operator (e.g. a known port forward, or a host known to be behind a NAT).
+REACHABILITY_MODES = ("auto", "public", "private")
 
 
 def parse_multiaddr(text: str, *, what: str) -> multiaddr.Multiaddr:
@@ -42,6 +45,9 @@ class P2PConfig:
     identity: Path | None = None
     # Seconds to reach at least one initial peer before giving up at start-up.
     connect_timeout: float = 15.0
+    reachability: str = "auto"
+    # Offer circuit relay (HOP) service to private peers while we are publicly reachable.
+    relay: bool = True
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -60,6 +66,8 @@ class P2PConfig:
             raise ValueError(
                 "no swarm to join: give --initial-peers MULTIADDR... or start one with --new-swarm"
             )
+        if self.reachability not in REACHABILITY_MODES:
+            raise ValueError(f"--reachability must be one of {', '.join(REACHABILITY_MODES)}")
         if self.connect_timeout <= 0:
             raise ValueError("connect timeout must be positive")
 

@@ -3,7 +3,8 @@ TCP, Noise (no plaintext, TLS or secio: py-libp2p accepts all of them by default
 identify and ping — joined to the swarm through the initial peers.
 
 Run it with `await nursery.start(host.run)` (started once listening), start the services that
-must see every connection, then `await host.join()` to connect to the initial peers."""
+must see every connection, then `await host.join()` to connect to the initial peers. When we
+turn out to be private, `set_circuit_addrs` adds our relay addresses to what we advertise."""
 
 from __future__ import annotations
 
@@ -51,6 +52,32 @@ class P2PHost:
     def __init__(self, key_pair: KeyPair, config: P2PConfig) -> None:
         self.config = config
         self.host = build_host(key_pair, config)
+        self._circuit_addrs: list[multiaddr.Multiaddr] = []
+        # Identify (and so the DHT's peer records) advertises host.get_addrs(); our relay
+        # addresses must be in it. new_host's addrs_factory cannot carry them: BasicHost strips
+        # the first /p2p/ component of each address, which in a circuit address is the relay's.
+        listen_addrs = self.host.get_addrs
+
+        def advertised() -> list[multiaddr.Multiaddr]:
+            return [*self._circuit_addrs, *listen_addrs()]
+
+        self.host.get_addrs = advertised  # type: ignore[method-assign]
+
+    def set_circuit_addrs(self, addrs: Sequence[str]) -> None:
+        """Advertises our /p2p-circuit addresses (first: when we are private they are the ones
+        that work) beside the listen addresses. Peers connected already learn them with the next
+        identify (`push_addrs`)."""
+        self._circuit_addrs = [multiaddr.Multiaddr(a) for a in addrs]
+
+    async def push_addrs(self, *, timeout: float = 10.0) -> None:
+        """Identify-push to every connected peer, so they learn address changes now."""
+        from libp2p.identity.identify_push.identify_push import push_identify_to_peers
+
+        with trio.move_on_after(timeout):
+            try:
+                await push_identify_to_peers(self.host)
+            except Exception as e:  # a peer that left mid-push; the others got it
+                log.debug("identify push: %s", e)
 
     @property
     def peer_id(self) -> str:

@@ -20,6 +20,7 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes]
     ready: dict = field(default_factory=dict)
     output: list[str] = field(default_factory=list)
+    _pending: bytes = b""
 
     @property
     def peer_id(self) -> str:
@@ -32,29 +33,34 @@ class DaemonProcess:
 
     def read_event(self, event: str, *, timeout: float) -> dict:
         """Reads stdout lines until a JSON line with this event arrives; raises on timeout or
-        exit. Non-JSON lines are kept in `output` for failure messages."""
+        exit. Non-JSON lines are kept in `output` for failure messages.
+
+        Reads the raw fd with os.read and splits lines itself: a buffered readline() can pull
+        several lines into Python's buffer, after which select() sees nothing on the fd and a
+        line that already arrived would wait for the timeout."""
         assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                if not sel.select(left):
-                    break
-                line = self.proc.stdout.readline()
-                if not line:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                while b"\n" in self._pending:
+                    raw, self._pending = self._pending.split(b"\n", 1)
+                    text = raw.decode(errors="replace").rstrip()
+                    self.output.append(text)
+                    try:
+                        msg = json.loads(text)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(msg, dict) and msg.get("event") == event:
+                        return msg
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise TimeoutError(f"no {event!r} line within {timeout} s: {self.log()}")
+                chunk = os.read(fd, 65536)
+                if not chunk:
                     raise RuntimeError(f"daemon exited ({self.proc.wait()}): {self.log()}")
-                text = line.decode(errors="replace").rstrip()
-                self.output.append(text)
-                try:
-                    msg = json.loads(text)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(msg, dict) and msg.get("event") == event:
-                    return msg
-        finally:
-            sel.close()
-        raise TimeoutError(f"no {event!r} line within {timeout} s: {self.log()}")
+                self._pending += chunk
 
     def wait_ready(self, timeout: float) -> dict:
         try:
@@ -75,7 +81,7 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stdout is not None:
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
             self.output.extend(self.proc.stdout.read().decode(errors="replace").splitlines())
             self.proc.stdout.close()
         return self.proc.returncode

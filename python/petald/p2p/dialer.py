@@ -1,0 +1,139 @@
+"""`Dialer.ensure_connected(peer)`: the one way petald code gets a connection to a peer by id,
+direct when possible and through a circuit relay otherwise. Everything that opens streams to a
+peer by id (DHT RPCs, echo/ping) calls it first, then `host.new_stream`, which reuses the
+connection.
+
+Order: an existing connection (direct or relayed) is reused; else the peer's direct addresses
+are dialed under a short bound; else its `/p2p-circuit` addresses through the relay transport
+(py-libp2p's swarm skips circuit addresses: it has no relay transport registered).
+
+Upgrading relayed → direct: py-libp2p's `host.connect()` never replaces an existing connection,
+so a relayed peer stays relayed until its circuit ends (the relay's duration/data limits), and
+the next `ensure_connected` tries direct addresses first again. Forcing it sooner works (see
+/tmp/natproto NOTES §4: `network.dial_addr(direct)` then close the relayed connection; new
+streams already prefer the direct one) but is not done here yet: nothing tells us when a
+private peer becomes dialable, and DCUtR hole punching is untested in py-libp2p 0.8.1."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetConn
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+
+from petald.errors import PeerUnavailable
+from petald.p2p.relay import is_circuit_addr, is_relayed
+
+log = logging.getLogger(__name__)
+
+# Seconds for the direct attempt: a reachable peer answers in milliseconds; an unreachable one
+# costs ~0.7 s of retry backoff (no route) or this whole bound (packets silently dropped).
+DIRECT_DIAL_TIMEOUT = 3.0
+# Seconds per circuit attempt: connect to the relay, HOP CONNECT, STOP, Noise + yamux inside.
+CIRCUIT_DIAL_TIMEOUT = 10.0
+# Circuit addresses tried per peer (a private peer has one per reservation).
+MAX_CIRCUIT_ADDRS = 4
+
+
+def _with_peer(addr: multiaddr.Multiaddr, peer: ID) -> multiaddr.Multiaddr:
+    """Circuit addresses must end in /p2p/<destination> for the relay transport."""
+    text = str(addr)
+    return addr if text.endswith(f"/p2p/{peer}") else multiaddr.Multiaddr(f"{text}/p2p/{peer}")
+
+
+class Dialer:
+    """Connection policy for one host; `transport` is `RelayService.transport` (None: direct
+    only). Concurrent calls for the same peer share one dial."""
+
+    def __init__(self, host: IHost, transport: CircuitV2Transport | None) -> None:
+        self.host = host
+        self.transport = transport
+        self._locks: dict[ID, trio.Lock] = {}
+
+    def connection(self, peer: ID) -> INetConn | None:
+        """An open connection to `peer`, direct ones first."""
+        conns = list(self.host.get_network().get_connections(peer))
+        conns.sort(key=is_relayed)
+        return conns[0] if conns else None
+
+    async def ensure_connected(
+        self, peer: ID, addrs: Sequence[multiaddr.Multiaddr] = ()
+    ) -> INetConn:
+        """Returns a connection to `peer`, dialing `addrs` and the peerstore's addresses if
+        there is none. Raises `PeerUnavailable`. Cancel-safe (a half-made dial is dropped)."""
+        if (conn := self.connection(peer)) is not None:
+            return conn
+        lock = self._locks.setdefault(peer, trio.Lock())
+        try:
+            async with lock:
+                if (conn := self.connection(peer)) is not None:
+                    return conn
+                return await self._dial(peer, addrs)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(peer, None)
+
+    async def _dial(self, peer: ID, given: Sequence[multiaddr.Multiaddr]) -> INetConn:
+        store = self.host.get_peerstore()
+        known: list[multiaddr.Multiaddr] = []
+        with contextlib.suppress(Exception):  # a peer we never heard of has no entry
+            known = list(store.addrs(peer))
+        candidates = list(dict.fromkeys([*given, *known]))
+        direct = [a for a in candidates if not is_circuit_addr(a)]
+        circuit = [_with_peer(a, peer) for a in candidates if is_circuit_addr(a)]
+        errors: list[str] = []
+        if direct:
+            try:
+                with trio.fail_after(DIRECT_DIAL_TIMEOUT):
+                    await self.host.connect(PeerInfo(peer, direct))
+            except trio.Cancelled:
+                raise
+            except Exception as e:  # dial errors come in many py-libp2p types and groups
+                errors.append(f"direct: {type(e).__name__}")
+                if circuit:
+                    self._forget_failed_direct(peer, direct, keep=circuit)
+            else:
+                if (conn := self.connection(peer)) is not None:
+                    return conn
+        if circuit and self.transport is not None:
+            for addr in circuit[:MAX_CIRCUIT_ADDRS]:
+                try:
+                    with trio.fail_after(CIRCUIT_DIAL_TIMEOUT):
+                        return await self._dial_circuit(peer, addr)
+                except trio.Cancelled:
+                    raise
+                except Exception as e:
+                    errors.append(f"{addr}: {type(e).__name__}: {str(e)[:120]}")
+                    self.host.get_network().unblock_peer(peer)
+        if not direct and not circuit:
+            raise PeerUnavailable(f"{peer}: no known address")
+        raise PeerUnavailable(f"{peer}: unreachable ({'; '.join(errors) or 'no relay transport'})")
+
+    async def _dial_circuit(self, peer: ID, addr: multiaddr.Multiaddr) -> INetConn:
+        """Connects to the relay first (reusing a connection we have), and records `addr` in
+        the peerstore: the relay transport looks there before anything else."""
+        assert self.transport is not None
+        relay = info_from_p2p_addr(addr.decapsulate(multiaddr.Multiaddr("/p2p-circuit")))
+        await self.host.connect(relay)
+        self.host.get_peerstore().add_addrs(peer, [addr], 3600)
+        return await self.transport.dial(addr)
+
+    def _forget_failed_direct(
+        self, peer: ID, direct: list[multiaddr.Multiaddr], *, keep: list[multiaddr.Multiaddr]
+    ) -> None:
+        """After a failed direct dial the swarm puts `peer` in its 60 s negative cache, and
+        `host.new_stream` checks that cache *before* looking for connections, so even a working
+        circuit would be refused: unblock it. The dead direct addresses are dropped so nothing
+        retries them (identify or the DHT will tell us again if they come back)."""
+        self.host.get_network().unblock_peer(peer)
+        store = self.host.get_peerstore()
+        with contextlib.suppress(Exception):
+            store.clear_addrs(peer)
+            store.add_addrs(peer, keep, 3600)
+        log.debug("direct dial to %s failed (%s); trying circuits", peer, direct)
