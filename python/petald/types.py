@@ -62,6 +62,7 @@ class BlockRange:
 class ServerInfo:
     model: str
     blocks: BlockRange
+    n_blocks: int = 0  # blocks in the whole model (0: not said), so views can show gaps
     state: ServerState = "joining"
     throughput: float = 0.0  # tokens/s through the whole span, measured at start
     cache_tokens_free: int = 0
@@ -128,12 +129,16 @@ class ServerInfo:
         relayed = d.get("relayed", False)
         if type(relayed) is not bool:
             raise ValueError("relayed must be a boolean")
+        n_blocks = d.get("n_blocks", 0)
+        if type(n_blocks) is not int or not (n_blocks == 0 or blocks[1] <= n_blocks <= MAX_BLOCKS):
+            raise ValueError("n_blocks must be 0 or a block count covering the served span")
         model = text("model", required=True)
         if not model:
             raise ValueError("model must not be empty")
         return cls(
             model=model,
             blocks=BlockRange(blocks[0], blocks[1]),
+            n_blocks=n_blocks,
             state=state,
             throughput=float(throughput),
             cache_tokens_free=cache,

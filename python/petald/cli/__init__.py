@@ -54,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
+    status = sub.add_parser(
+        "status",
+        help="show what a swarm serves: models, block coverage, servers",
+        description="Join a swarm as a client, listen to its announcements for --wait seconds "
+        "and print models, block coverage (ranges and how many servers serve them) and servers.",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    status.add_argument(
+        "--model", action="append", default=[], help="also look up this model in the DHT"
+    )
+    status.add_argument("--wait", type=float, default=3.0, help="seconds to listen (default: 3)")
+    add_p2p_args(status, listen_default="/ip4/127.0.0.1/tcp/0")
     return parser
 
 
@@ -137,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             return dht_run(
                 p2p_config(args), args.op, args.key, args.value, args.ttl, args.rpc_timeout
             )
+        if args.command == "status":
+            from petald.cli.status import run as status_run
+
+            logging.basicConfig(level=args.log_level.upper())
+            return status_run(p2p_config(args), args.model, args.wait, args.json)
         if args.command == "ping":
             from petald.cli.ping import run as ping_run
 
