@@ -114,6 +114,22 @@ def spawn_daemon(
     return DaemonProcess(proc)
 
 
+def start_announcer(
+    model: str, blocks: str, *args: str, ready_timeout: float = 60.0
+) -> DaemonProcess:
+    """Starts `python -m petald.testing.announcer MODEL BLOCKS ...` and waits until ready."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "petald.testing.announcer", model, blocks, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    daemon = DaemonProcess(proc)
+    daemon.wait_ready(ready_timeout)
+    return daemon
+
+
 def start_daemon(
     command: str,
     *args: str,
