@@ -15,12 +15,18 @@ default:
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
-    # py-libp2p needs fastecdsa, built from source against GMP.
-    if [ ! -e /usr/include/gmp.h ] && [ ! -e /usr/include/x86_64-linux-gnu/gmp.h ]; then
+    # System packages: GMP headers (py-libp2p's fastecdsa builds from source against them) and
+    # iproute2 (the NAT test builds network namespaces with `ip netns`).
+    missing=()
+    [ -e /usr/include/gmp.h ] || [ -e /usr/include/x86_64-linux-gnu/gmp.h ] \
+        || [ -e /usr/include/aarch64-linux-gnu/gmp.h ] || missing+=(libgmp-dev)
+    command -v ip >/dev/null || missing+=(iproute2)
+    if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ]; then
-            apt-get update -qq && apt-get install -y -qq libgmp-dev >/dev/null
+            apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
         else
-            echo "petald setup: GMP headers missing; run: sudo apt-get install libgmp-dev" >&2; exit 1
+            echo "petald setup: missing system packages; run: sudo apt-get install ${missing[*]}" >&2
+            exit 1
         fi
     fi
     command -v uv >/dev/null || python3 -m pip install -q uv
@@ -48,6 +54,10 @@ test-rs:
 test-py *args:
     "{{py}}" -m pytest {{args}}
 
+# Only the multi-process swarm tests (real daemons on loopback; the NAT test needs root).
+test-swarm *args:
+    "{{py}}" -m pytest tests/swarm {{args}}
+
 # ruff (check + format), cargo fmt, clippy -D warnings, stubtest of the native module.
 lint:
     "{{py}}" -m ruff check python tests bench
@@ -65,6 +75,7 @@ fmt:
 # Benchmarks: ratios against baselines measured in the same run.
 bench: setup
     "{{py}}" bench/bench_core.py
+    "{{py}}" bench/bench_p2p.py 2>/dev/null
 
 # Regenerate the committed Python code for proto/ (pinned protoc; tests fail on drift).
 proto:

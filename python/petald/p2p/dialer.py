@@ -9,10 +9,11 @@ are dialed under a short bound; else its `/p2p-circuit` addresses through the re
 
 Upgrading relayed → direct: py-libp2p's `host.connect()` never replaces an existing connection,
 so a relayed peer stays relayed until its circuit ends (the relay's duration/data limits), and
-the next `ensure_connected` tries direct addresses first again. Forcing it sooner works (see
-/tmp/natproto NOTES §4: `network.dial_addr(direct)` then close the relayed connection; new
-streams already prefer the direct one) but is not done here yet: nothing tells us when a
-private peer becomes dialable, and DCUtR hole punching is untested in py-libp2p 0.8.1."""
+the next `ensure_connected` tries direct addresses first again. Forcing it sooner works
+(measured in our namespace prototype: `network.dial_addr(direct, peer)` opens a second
+connection, new streams prefer the direct one, then the relayed one can be closed) but is not
+done here yet: nothing tells us when a private peer becomes dialable, and DCUtR hole punching is
+untested in py-libp2p 0.8.1."""
 
 from __future__ import annotations
 
