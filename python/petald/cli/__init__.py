@@ -127,6 +127,16 @@ def p2p_config(args: argparse.Namespace) -> P2PConfig:
     )
 
 
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # py-libp2p logs routine, harmless events at ERROR (a relay logs one per circuit, a
+    # short-lived dial-back host refuses gossipsub): show its logs only when debugging.
+    if level != "debug":
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -137,27 +147,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "node":
             from petald.daemon import main as daemon_main
 
-            logging.basicConfig(
-                level=args.log_level.upper(),
-                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            )
+            setup_logging(args.log_level)
             return daemon_main(p2p_config(args))
         if args.command == "dht":
             from petald.cli.dht import run as dht_run
 
-            logging.basicConfig(level=args.log_level.upper())
+            setup_logging(args.log_level)
             return dht_run(
                 p2p_config(args), args.op, args.key, args.value, args.ttl, args.rpc_timeout
             )
         if args.command == "status":
             from petald.cli.status import run as status_run
 
-            logging.basicConfig(level=args.log_level.upper())
+            setup_logging(args.log_level)
             return status_run(p2p_config(args), args.model, args.wait, args.json)
         if args.command == "ping":
             from petald.cli.ping import run as ping_run
 
-            logging.basicConfig(level=args.log_level.upper())
+            setup_logging(args.log_level)
             return ping_run(args.multiaddr, args.count, args.payload_bytes, args.timeout)
     except KeyboardInterrupt:
         return 130
