@@ -132,3 +132,51 @@ async def test_malformed_requests_leave_the_daemon_serving(swarm8: list[DaemonPr
         answer = await rpc.request(target, KadMessage(MessageType.FIND_NODE, key=b"anything"))
         assert len(answer.closer_peers) >= len(swarm8) - 1
         nursery.cancel_scope.cancel()
+
+
+def test_fuzzed_requests_leave_the_daemon_serving(swarm8: list[DaemonProcess]) -> None:
+    """Hypothesis-generated request streams (raw bytes, and well-framed random bodies) against
+    one live daemon; after all of them it still answers FIND_NODE correctly."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from libp2p.custom_types import TProtocol
+
+    target = ID.from_base58(swarm8[6].peer_id)
+    sent: list[bytes] = []
+
+    def framed(body: bytes) -> bytes:
+        n, out = len(body), bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out) + body
+
+    payloads = st.one_of(st.binary(max_size=3000), st.binary(max_size=3000).map(framed))
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(payloads, min_size=1, max_size=4))
+    def collect(batch: list[bytes]) -> None:
+        sent.extend(batch)
+
+    collect()
+
+    async def main() -> None:
+        host, rpc = await _client(swarm8)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            await host.join()
+            for p in sent:
+                stream = await host.host.new_stream(target, [TProtocol(PROTOCOL_ID)])
+                with contextlib.suppress(Exception):
+                    await stream.write(p)
+                    await stream.close()
+                    with trio.move_on_after(12):
+                        await stream.read(65536)
+                await stream.reset()
+            answer = await rpc.request(target, KadMessage(MessageType.FIND_NODE, key=b"x"))
+            assert len(answer.closer_peers) >= len(swarm8) - 1
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    print(f"{len(sent)} fuzzed requests sent; daemon still answers")
