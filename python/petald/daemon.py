@@ -72,11 +72,13 @@ async def run_daemon(
         relay = RelayService(
             host.host, offer_hop=config.relay, on_addrs_changed=host.set_circuit_addrs
         )
-        dht = DhtNode(host.host, dht_config, dialer=Dialer(host.host, relay.transport))
+        dialer = Dialer(host.host, relay.transport)
+        dht = DhtNode(host.host, dht_config, dialer=dialer)
         announcer = Announcer(host.host, dht, key_pair, SwarmView(), announce_config)
         EchoService(host.host).serve()
         await nursery.start(host.run)
         await nursery.start(relay.run)
+        await nursery.start(dialer.run)
         await nursery.start(DialBackService(host.host).run)
         await nursery.start(announcer.run)
         t0 = trio.current_time()

@@ -8,12 +8,12 @@ are dialed under a short bound; else its `/p2p-circuit` addresses through the re
 (py-libp2p's swarm skips circuit addresses: it has no relay transport registered).
 
 Upgrading relayed → direct: py-libp2p's `host.connect()` never replaces an existing connection,
-so a relayed peer stays relayed until its circuit ends (the relay's duration/data limits), and
-the next `ensure_connected` tries direct addresses first again. Forcing it sooner works
-(measured in our namespace prototype: `network.dial_addr(direct, peer)` opens a second
-connection, new streams prefer the direct one, then the relayed one can be closed) but is not
-done here yet: nothing tells us when a private peer becomes dialable, and DCUtR hole punching is
-untested in py-libp2p 0.8.1."""
+so with `run` started the dialer does it itself. Whenever it hands out a relayed connection it
+(at most once a minute per peer) dials the peer's direct addresses, learned from identify over
+the relayed connection, with `network.dial_addr`, which opens a second connection; new streams
+prefer the direct one (`connection()`), and the relayed one is closed. A peer that really is
+behind a NAT costs one bounded failed dial a minute. DCUtR hole punching is not used (untested
+in py-libp2p 0.8.1)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ DIRECT_DIAL_TIMEOUT = 3.0
 CIRCUIT_DIAL_TIMEOUT = 10.0
 # Circuit addresses tried per peer (a private peer has one per reservation).
 MAX_CIRCUIT_ADDRS = 4
+# Seconds between attempts to replace a peer's relayed connection by a direct one.
+UPGRADE_RETRY = 60.0
+# Seconds to wait for identify to tell us a relayed peer's direct addresses after a circuit dial.
+IDENTIFY_WAIT = 5.0
+# Peers whose upgrade attempts we remember (bounded: entries past their retry time are dropped).
+MAX_UPGRADE_PEERS = 1024
 
 
 def _with_peer(addr: multiaddr.Multiaddr, peer: ID) -> multiaddr.Multiaddr:
@@ -56,6 +62,73 @@ class Dialer:
         self.host = host
         self.transport = transport
         self._locks: dict[ID, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self._next_upgrade: dict[ID, float] = {}
+        self._upgraded: dict[ID, trio.Event] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background upgrades of relayed connections; without it the dialer never upgrades."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _direct_addrs(self, peer: ID) -> list[multiaddr.Multiaddr]:
+        with contextlib.suppress(Exception):  # a peer we never heard of has no entry
+            return [a for a in self.host.get_peerstore().addrs(peer) if not is_circuit_addr(a)]
+        return []
+
+    def _maybe_upgrade(self, peer: ID, conn: INetConn) -> None:
+        if self._nursery is None or not is_relayed(conn):
+            return
+        now = trio.current_time()
+        if self._next_upgrade.get(peer, 0.0) > now:
+            return
+        if len(self._next_upgrade) >= MAX_UPGRADE_PEERS:
+            self._next_upgrade = {p: t for p, t in self._next_upgrade.items() if t > now}
+            if len(self._next_upgrade) >= MAX_UPGRADE_PEERS:
+                return
+        self._next_upgrade[peer] = now + UPGRADE_RETRY
+        self._nursery.start_soon(self._upgrade, peer, conn)
+
+    async def _upgrade(self, peer: ID, relayed: INetConn) -> None:
+        # Identify over a new relayed connection brings the peer's listen addresses a moment
+        # later; py-libp2p has no event for it, so look a few times within a bound.
+        direct: list[multiaddr.Multiaddr] = []
+        with trio.move_on_after(IDENTIFY_WAIT):
+            while not (direct := self._direct_addrs(peer)):
+                await trio.sleep(0.1)
+        network = self.host.get_network()
+        for addr in direct[:4]:
+            try:
+                with trio.fail_after(DIRECT_DIAL_TIMEOUT):
+                    await network.dial_addr(addr, peer)
+            except trio.Cancelled:
+                raise
+            except Exception as e:  # still unreachable: stay relayed, try again later
+                log.debug("direct dial to relayed %s at %s failed: %s", peer, addr, e)
+                # A failed dial puts the peer in the swarm's negative cache, which would make
+                # new streams over the working relayed connection fail: lift it.
+                network.unblock_peer(peer)
+                continue
+            log.info("connection to %s upgraded from relayed to direct (%s)", peer, addr)
+            with contextlib.suppress(Exception):
+                await relayed.close()
+            self._upgraded.setdefault(peer, trio.Event()).set()
+            return
+
+    async def wait_direct(self, peer: ID, *, timeout: float) -> INetConn:
+        """Waits until we have a direct connection to `peer` (after an upgrade, say); raises
+        `trio.TooSlowError` after `timeout` seconds."""
+        with trio.fail_after(timeout):
+            while True:
+                conn = self.connection(peer)
+                if conn is not None and not is_relayed(conn):
+                    return conn
+                event = self._upgraded.get(peer)
+                if event is None or event.is_set():
+                    event = self._upgraded[peer] = trio.Event()
+                await event.wait()
 
     def connection(self, peer: ID) -> INetConn | None:
         """An open connection to `peer`, direct ones first."""
@@ -69,13 +142,15 @@ class Dialer:
         """Returns a connection to `peer`, dialing `addrs` and the peerstore's addresses if
         there is none. Raises `PeerUnavailable`. Cancel-safe (a half-made dial is dropped)."""
         if (conn := self.connection(peer)) is not None:
+            self._maybe_upgrade(peer, conn)
             return conn
         lock = self._locks.setdefault(peer, trio.Lock())
         try:
             async with lock:
-                if (conn := self.connection(peer)) is not None:
-                    return conn
-                return await self._dial(peer, addrs)
+                if (conn := self.connection(peer)) is None:
+                    conn = await self._dial(peer, addrs)
+                self._maybe_upgrade(peer, conn)
+                return conn
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(peer, None)
