@@ -22,12 +22,12 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from petald.dht.announce import AnnounceConfig, Announcer
+from petald.dht.announce import AnnounceConfig
 from petald.dht.node import DhtConfig, DhtNode
 from petald.dht.records import sign_record
 from petald.p2p.config import P2PConfig
 from petald.p2p.host import P2PHost
-from petald.p2p.swarm_view import SwarmView
+from petald.stack import start_stack
 from petald.testing import start_swarm, stop_all
 from petald.types import BlockRange, ServerInfo
 from petald.wire.kad_messages import KadMessage, MessageType
@@ -90,16 +90,17 @@ async def bench_announce(n: int = 12) -> None:
     fast = AnnounceConfig(heartbeat=2.0, ttl=8.0)
     async with trio.open_nursery() as nursery:
         peers = []
-        for _i in range(n):
-            key, host, dht = await client_peer(
-                nursery, [peers[0][1].addrs()[0]] if peers else [], serve=True
+        for _ in range(n):
+            initial = [peers[0][1].addrs()[0]] if peers else []
+            config = P2PConfig(
+                listen=("/ip4/127.0.0.1/tcp/0",),
+                initial_peers=tuple(initial),
+                new_swarm=not initial,
             )
-            ann = Announcer(host.host, dht, key, SwarmView(), fast)
-            await nursery.start(ann.run)
-            await host.join()
-            await nursery.start(dht.run)
-            peers.append((key, host, dht, ann))
-            await ann.watch("bench-model")
+            key = create_new_key_pair()
+            stack = await start_stack(nursery, key, config, announce_config=fast)
+            peers.append((key, stack.host, stack.dht, stack.announcer))
+            await stack.announcer.watch("bench-model")
         _new_key, new_host, _, new_ann = peers[-1]
         info = ServerInfo(
             model="bench-model", blocks=BlockRange(0, 8), state="online", throughput=1.0

@@ -13,16 +13,14 @@ from collections.abc import Callable
 
 import trio
 
-from petald.dht.announce import AnnounceConfig, Announcer
-from petald.dht.node import DhtConfig, DhtNode
+from petald.dht.announce import AnnounceConfig
+from petald.dht.node import DhtConfig
 from petald.p2p.config import P2PConfig
 from petald.p2p.dialback import DialBackService, determine_reachability
-from petald.p2p.dialer import Dialer
 from petald.p2p.echo import EchoService
 from petald.p2p.host import P2PHost
 from petald.p2p.identity import default_identity_path, load_or_create_identity
-from petald.p2p.relay import RelayService
-from petald.p2p.swarm_view import SwarmView
+from petald.stack import build_stack
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +63,21 @@ async def run_daemon(
     key_pair, created = load_or_create_identity(identity_path)
     if created:
         log.info("created identity %s", identity_path)
-    host = P2PHost(key_pair, config)
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, nursery.cancel_scope.cancel)
-        # Protocol handlers and gossipsub first, connections after: see DhtNode and Announcer.
-        relay = RelayService(
-            host.host, offer_hop=config.relay, on_addrs_changed=host.set_circuit_addrs
-        )
-        dialer = Dialer(host.host, relay.transport)
-        dht = DhtNode(host.host, dht_config, dialer=dialer)
-        announcer = Announcer(host.host, dht, key_pair, SwarmView(), announce_config)
-        EchoService(host.host).serve()
-        await nursery.start(host.run)
-        await nursery.start(relay.run)
-        await nursery.start(dialer.run)
-        await nursery.start(DialBackService(host.host).run)
-        await nursery.start(announcer.run)
         t0 = trio.current_time()
-        await host.join()
-        t1 = trio.current_time()
-        await nursery.start(dht.run)
+        stack = build_stack(
+            key_pair,
+            config,
+            dht_config=dht_config,
+            announce_config=announce_config,
+            offer_hop=config.relay,
+        )
+        host, relay = stack.host, stack.relay
+        EchoService(host.host).serve()
+        await stack.start(nursery, before_join=[DialBackService(host.host).run])
         t2 = trio.current_time()
-        log.info("joined in %.2f s, DHT bootstrapped in %.2f s", t1 - t0, t2 - t1)
+        log.info("joined and bootstrapped the DHT in %.2f s", t2 - t0)
         # Private: stop offering HOP, reserve on relays among our peers, advertise the circuit
         # addresses (ready line and identify) before we say we are ready.
         reachability = await determine_reachability(host.host, config.reachability)

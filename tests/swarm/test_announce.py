@@ -17,7 +17,7 @@ from petald.dht.node import DhtConfig, DhtNode
 from petald.dht.records import sign_record
 from petald.p2p.config import P2PConfig
 from petald.p2p.host import P2PHost
-from petald.p2p.swarm_view import SwarmView
+from petald.stack import start_stack
 from petald.types import BlockRange, ServerInfo
 
 pytestmark = pytest.mark.slow
@@ -47,19 +47,15 @@ async def start_peer(nursery: trio.Nursery, initial: list[str]) -> Peer:
     config = P2PConfig(
         listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=tuple(initial), new_swarm=not initial
     )
-    host = P2PHost(key, config)
-
-    dht = DhtNode(host.host, DhtConfig(rpc_timeout=3.0))
-    ann = Announcer(host.host, dht, key, SwarmView(), FAST)
 
     async def run(task_status: trio.TaskStatus[Peer]) -> None:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as inner:
-                await inner.start(host.run)
-                await inner.start(ann.run)
-                await host.join()
-                await inner.start(dht.run)
-                task_status.started(Peer(key, host, dht, ann, scope))
+                stack = await start_stack(
+                    inner, key, config, dht_config=DhtConfig(rpc_timeout=3.0), announce_config=FAST
+                )
+                assert stack.announcer is not None
+                task_status.started(Peer(key, stack.host, stack.dht, stack.announcer, scope))
 
     return await nursery.start(run)
 

@@ -11,13 +11,11 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from petald.dht.node import DhtConfig, DhtNode
+from petald.dht.node import DhtConfig
 from petald.dht.records import SignedRecord, sign_record
 from petald.p2p.config import P2PConfig
-from petald.p2p.dialer import Dialer
-from petald.p2p.host import P2PHost
 from petald.p2p.identity import default_identity_path, load_or_create_identity
-from petald.p2p.relay import RelayService
+from petald.stack import start_stack
 
 
 def _record_json(r: SignedRecord) -> dict:
@@ -42,19 +40,17 @@ async def _run(
         key_pair, _ = load_or_create_identity(config.identity or default_identity_path())
     else:
         key_pair = create_new_key_pair()  # a reader needs no lasting identity
-    host = P2PHost(key_pair, config)
     async with trio.open_nursery() as nursery:
-        # Relay transport only (no HOP, no reservation): private DHT servers are reached
-        # through their /p2p-circuit addresses.
-        relay = RelayService(host.host, offer_hop=False)
-        dialer = Dialer(host.host, relay.transport)
-        dht = DhtNode(
-            host.host, DhtConfig(client_mode=True, rpc_timeout=rpc_timeout), dialer=dialer
+        # A DHT client: no relaying for others, no announcements; private DHT servers are
+        # reached through their /p2p-circuit addresses by the stack's dialer.
+        stack = await start_stack(
+            nursery,
+            key_pair,
+            config,
+            dht_config=DhtConfig(client_mode=True, rpc_timeout=rpc_timeout),
+            announcements=False,
         )
-        await nursery.start(host.run)
-        await nursery.start(relay.run)
-        await host.join()
-        await nursery.start(dht.run)
+        dht = stack.dht
         if op == "put":
             record = sign_record(key_pair.private_key, key, value, time.time() + ttl)
             acked = await dht.put(record)

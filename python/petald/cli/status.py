@@ -13,13 +13,10 @@ import time
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from petald.dht.announce import AnnounceConfig, Announcer
-from petald.dht.node import DhtConfig, DhtNode
+from petald.dht.node import DhtConfig
 from petald.p2p.config import P2PConfig
-from petald.p2p.dialer import Dialer
-from petald.p2p.host import P2PHost
-from petald.p2p.relay import RelayService
 from petald.p2p.swarm_view import ServerEntry, SwarmView
+from petald.stack import start_stack
 
 
 def coverage_segments(entries: list[ServerEntry], n_blocks: int) -> list[dict]:
@@ -97,17 +94,12 @@ def render_status(status: dict) -> str:
 
 
 async def _collect(config: P2PConfig, models: list[str], wait: float) -> dict:
-    key = create_new_key_pair()
-    host = P2PHost(key, config)
-    relay = RelayService(host.host, offer_hop=False)
-    dht = DhtNode(host.host, DhtConfig(client_mode=True), dialer=Dialer(host.host, relay.transport))
-    announcer = Announcer(host.host, dht, key, SwarmView(), AnnounceConfig())
     async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        await nursery.start(relay.run)
-        await nursery.start(announcer.run)
-        await host.join()
-        await nursery.start(dht.run)
+        stack = await start_stack(
+            nursery, create_new_key_pair(), config, dht_config=DhtConfig(client_mode=True)
+        )
+        announcer, dht = stack.announcer, stack.dht
+        assert announcer is not None
         for m in models:
             await announcer.watch(m)
         # Topic subscriptions and gossip arrive over the next moments; there is no "done"

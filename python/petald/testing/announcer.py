@@ -12,31 +12,19 @@ import json
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from petald.dht.announce import AnnounceConfig, Announcer
-from petald.dht.node import DhtConfig, DhtNode
+from petald.dht.announce import AnnounceConfig
 from petald.p2p.config import P2PConfig
-from petald.p2p.dialer import Dialer
-from petald.p2p.host import P2PHost
-from petald.p2p.relay import RelayService
-from petald.p2p.swarm_view import SwarmView
+from petald.stack import start_stack
 from petald.types import BlockRange, ServerInfo
 
 
 async def main(args: argparse.Namespace) -> None:
-    key = create_new_key_pair()
-    host = P2PHost(
-        key, P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=tuple(args.initial_peers))
-    )
-    relay = RelayService(host.host, offer_hop=False)
-    dht = DhtNode(host.host, DhtConfig(), dialer=Dialer(host.host, relay.transport))
-    config = AnnounceConfig(heartbeat=args.heartbeat, ttl=args.ttl)
-    announcer = Announcer(host.host, dht, key, SwarmView(), config)
+    config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=tuple(args.initial_peers))
+    announce = AnnounceConfig(heartbeat=args.heartbeat, ttl=args.ttl)
     async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        await nursery.start(relay.run)
-        await nursery.start(announcer.run)
-        await host.join()
-        await nursery.start(dht.run)
+        stack = await start_stack(nursery, create_new_key_pair(), config, announce_config=announce)
+        host, announcer = stack.host, stack.announcer
+        assert announcer is not None
         blocks = BlockRange.parse(args.blocks)
         info = ServerInfo(
             model=args.model,
