@@ -91,6 +91,9 @@ class Announcer:
         self._watched: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._view_changed = trio.Event()
+        # Set once our announcement has been published by gossip and stored in the DHT: from
+        # then on a late joiner finds it, whatever gossip dropped.
+        self.published = trio.Event()
 
     def _notify(self) -> None:
         self._view_changed.set()
@@ -207,6 +210,7 @@ class Announcer:
             nursery.start_soon(put, record)
             for r in blocks:
                 nursery.start_soon(put, r)
+        self.published.set()
 
     async def _heartbeat(self) -> None:
         while True:

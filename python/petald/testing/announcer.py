@@ -34,7 +34,8 @@ async def main(args: argparse.Namespace) -> None:
             throughput=args.throughput,
         )
         announcer.announce(info)
-        await announcer.wait_until(lambda v: v.get(host.peer_id) is not None, timeout=30)
+        with trio.fail_after(60):
+            await announcer.published.wait()
         print(
             json.dumps({"event": "ready", "peer_id": host.peer_id, "addrs": host.addrs()}),
             flush=True,
