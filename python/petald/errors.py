@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "CodecError",
     "FrameError",
+    "HubUnreachable",
     "MessageError",
     "PeerUnavailable",
     "PetaldError",
@@ -42,6 +43,11 @@ class RoutingError(PetaldError):
 
 class RoutingTableError(RoutingError, ValueError):
     """Bad arguments to the Kademlia routing table (peer id length, key length, bucket)."""
+
+
+class HubUnreachable(PetaldError, ConnectionError):
+    """A model was named by a Hugging Face Hub id, but the Hub cannot be reached and the model
+    is not in the local cache."""
 
 
 class PeerUnavailable(PetaldError):

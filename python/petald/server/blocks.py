@@ -1,0 +1,199 @@
+"""A loaded span of transformer blocks and how it runs: `Span.forward` pushes hidden states
+through any sub-range of the span (training and one-shot inference; autograd gives input
+gradients), `Span.new_cache` + `Span.step` run it token by token with a KV cache that covers only
+the span's blocks, and `SpanCache.rollback` rewinds a session to an earlier position. The blocks
+are the model family's own transformers decoder layers (built by `petald.server.loading`); the
+per-call inputs they need (rotary cos/sin, masks, ALiBi) come from `petald.server.families`, so a
+span reproduces the full transformers model's hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from petald.server.checkpoint import LoadStats
+from petald.server.families import Family
+from petald.types import BlockRange
+
+
+@dataclass
+class SpanCache:
+    """The KV cache of one inference session through blocks `blocks` of a span. `position` is
+    the number of tokens it holds. Sliding-window layers keep their whole history too (the window
+    is applied by the mask, which is exact), so that rollback to any earlier position works."""
+
+    kv: DynamicCache
+    blocks: BlockRange
+    batch_size: int
+    max_length: int
+    position: int = 0
+
+    def rollback(self, position: int) -> None:
+        """Forget every token at `position` and after (e.g. rejected speculative tokens)."""
+        if not 0 <= position <= self.position:
+            held = self.position
+            raise ValueError(f"cannot roll back to {position}: the cache holds {held} tokens")
+        # Per layer, so that a step that failed halfway through the blocks is undone as well.
+        for layer in self.kv.layers:
+            if not isinstance(layer, DynamicLayer):  # new_cache makes only these
+                raise TypeError(f"unexpected cache layer {type(layer).__name__}")
+            extra = layer.get_seq_length() - position
+            if extra > 0:
+                layer.crop(-extra)
+        self.position = position
+
+
+class Span(nn.Module):
+    """Blocks [blocks.start, blocks.end) of a model, ready to run. Hidden states are
+    (batch, seq, hidden_size); they are cast to the span's dtype and device on the way in."""
+
+    def __init__(
+        self,
+        family: Family,
+        blocks: BlockRange,
+        layers: nn.ModuleList,
+        dtype: torch.dtype,
+        device: torch.device,
+        load_stats: LoadStats,
+    ) -> None:
+        super().__init__()
+        self.family = family
+        self.config = family.config
+        self.blocks = blocks
+        self.layers = layers
+        self.dtype = dtype
+        self.device = device
+        self.load_stats = load_stats
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        start_block: int | None = None,
+        end_block: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run blocks [start_block, end_block) (default: the whole span) without a cache.
+        `attention_mask` is (batch, seq) with 1 for real tokens and 0 for padding;
+        `position_ids` defaults to 0..seq-1, as in the transformers model's forward."""
+        sub = self._sub_range(start_block, end_block)
+        hidden = self._input(hidden_states)
+        batch, seq, _ = hidden.shape
+        mask = self._mask(attention_mask, batch, seq)
+        positions = self._positions(position_ids, batch, 0, seq)
+        return self._run(hidden, sub, mask, positions, None)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_length: int,
+        *,
+        start_block: int | None = None,
+        end_block: int | None = None,
+    ) -> SpanCache:
+        """An empty KV cache for `step`, holding at most `max_length` tokens per sequence."""
+        if not (isinstance(batch_size, int) and batch_size > 0):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not (isinstance(max_length, int) and max_length > 0):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        kv = DynamicCache()
+        kv.layers = [DynamicLayer() for _ in range(len(self.blocks))]  # slot = index in the span
+        sub = self._sub_range(start_block, end_block)
+        return SpanCache(kv, sub, batch_size, max_length)
+
+    @torch.no_grad()
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        cache: SpanCache,
+        position: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the cache's blocks on the tokens at [position, position + seq), attending to the
+        `position` tokens already cached. A `position` below `cache.position` first rolls the
+        cache back to it. `attention_mask` is (batch, position + seq): all tokens so far."""
+        if not (self.blocks.start <= cache.blocks.start and cache.blocks.end <= self.blocks.end):
+            raise ValueError(f"the cache is for blocks {cache.blocks}, not in span {self.blocks}")
+        hidden = self._input(hidden_states)
+        batch, seq, _ = hidden.shape
+        if batch != cache.batch_size:
+            raise ValueError(f"batch of {batch} sequences, the cache is for {cache.batch_size}")
+        if not 0 <= position <= cache.position:
+            raise ValueError(f"position {position} is past the {cache.position} cached tokens")
+        if position + seq > cache.max_length:
+            limit = cache.max_length
+            raise ValueError(f"{position} + {seq} tokens exceed the cache's max_length {limit}")
+        cache.rollback(position)
+        mask = self._mask(attention_mask, batch, position + seq)
+        positions = self._positions(position_ids, batch, position, seq)
+        try:
+            out = self._run(hidden, cache.blocks, mask, positions, cache)
+        except BaseException:
+            cache.rollback(position)  # blocks that already stored this step's keys forget them
+            raise
+        cache.position = position + seq
+        return out
+
+    def _run(
+        self,
+        hidden: torch.Tensor,
+        sub: BlockRange,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        cache: SpanCache | None,
+    ) -> torch.Tensor:
+        first = sub.start - self.blocks.start
+        types = self.family.layer_types[sub.start : sub.end]
+        all_kwargs = self.family.layer_kwargs(
+            hidden,
+            span_types=types,
+            first_cache_idx=first,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache.kv if cache is not None else None,
+        )
+        for layer, kwargs in zip(self.layers[first : first + len(sub)], all_kwargs, strict=True):
+            out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out  # BLOOM, Falcon: (hidden, attn)
+        return hidden
+
+    def _sub_range(self, start: int | None, end: int | None) -> BlockRange:
+        start = self.blocks.start if start is None else start
+        end = self.blocks.end if end is None else end
+        if not (self.blocks.start <= start < end <= self.blocks.end):
+            raise ValueError(f"blocks {start}:{end} are not a non-empty part of span {self.blocks}")
+        return BlockRange(start, end)
+
+    def _input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3:
+            raise ValueError("hidden_states must be a (batch, seq, hidden_size) tensor")
+        if hidden_states.shape[-1] != self.config.hidden_size or 0 in hidden_states.shape:
+            raise ValueError(
+                f"hidden_states of shape {tuple(hidden_states.shape)}: expected a non-empty "
+                f"(batch, seq, {self.config.hidden_size}) tensor"
+            )
+        return hidden_states.to(device=self.device, dtype=self.dtype)
+
+    def _mask(self, mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if tuple(mask.shape) != (batch, length):
+            shape = tuple(mask.shape)
+            raise ValueError(f"attention_mask of shape {shape}: expected ({batch}, {length})")
+        return mask.to(self.device)
+
+    def _positions(
+        self, ids: torch.Tensor | None, batch: int, start: int, seq: int
+    ) -> torch.Tensor:
+        if ids is None:
+            return torch.arange(start, start + seq, device=self.device).unsqueeze(0)  # (1, seq)
+        if ids.ndim != 2 or ids.shape[1] != seq or ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids of shape {tuple(ids.shape)}: expected ({batch}, {seq})")
+        return ids.to(self.device)

@@ -1,0 +1,226 @@
+"""Loading a span of a model's transformer blocks: the first half of `petald serve MODEL
+--blocks 20:40`. Entry point: `load_span(source, blocks)`. It reads the config, instantiates the
+whole model on the meta device (no memory: this is how the family's own decoder layer classes and
+their layout are found), reads only the span's tensors from the checkpoint, runs them through
+transformers' own checkpoint conversions (e.g. Mixtral's per-expert weights fused into one tensor)
+and assigns them into the meta layers, which become real. Nothing outside the span — other
+layers, embeddings, the LM head — is ever read or allocated.
+"""
+
+from __future__ import annotations
+
+import copy
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm  # type: ignore[import-untyped]
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from petald.server.blocks import Span
+from petald.server.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_NAME,
+    GGUFBlocks,
+    LoadStats,
+    Located,
+    SafetensorsBlocks,
+    block_key_pattern,
+    hub_snapshot,
+    locate,
+    shard_map,
+    tensors_by_block,
+)
+from petald.server.families import Family, family_for
+from petald.types import BlockRange
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _BlockReader(Protocol):
+    def read_block(self, block: int) -> dict[str, torch.Tensor]: ...
+    def close(self) -> None: ...
+
+
+def load_span(
+    source: str | Path,
+    blocks: BlockRange | range | tuple[int, int],
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Span:
+    """Load blocks [start, end) of the model at `source` (a HF model directory, a .gguf file or
+    a Hub repo id) onto `device`. `dtype="auto"` keeps the checkpoint's dtype (float32 for GGUF,
+    which is dequantized)."""
+    start, end = _bounds(blocks)
+    wanted = _parse_dtype(dtype)
+    where = locate(source)
+    directory = None
+    if where.kind == "hub":  # the config and index first, to learn which shards hold the span
+        directory = hub_snapshot(where.repo_id, [CONFIG_NAME, INDEX_NAME])
+    config = _config(where, directory)
+    total = config.num_hidden_layers
+    if end > total:
+        raise ValueError(f"blocks {start}:{end} are out of range: the model has {total} blocks")
+    torch_dtype = wanted or _auto_dtype(config, where)
+    torch_device = torch.device(device)
+    meta = _meta_model(config, torch_dtype)
+    family = family_for(meta, torch_device)
+    pattern = block_key_pattern(family.layers_path, meta.base_model_prefix)
+    stats = LoadStats()
+    reader: _BlockReader
+    if where.kind == "gguf":
+        reader = GGUFBlocks(where.path, meta, stats)
+    else:
+        if directory is not None:  # the Hub: now fetch only the shards that hold the span
+            directory = hub_snapshot(where.repo_id, _hub_patterns(directory, pattern, start, end))
+        reader = SafetensorsBlocks(directory or where.path, pattern, stats)
+    convert = where.kind != "gguf"  # GGUF names are mapped straight to the model's own names
+    layers = cast(nn.ModuleList, meta.get_submodule(family.layers_path))  # family_for checked
+    served = []
+    try:
+        bar = tqdm(range(start, end), desc=f"loading blocks {start}:{end}", disable=not progress)
+        for i in bar:
+            raw = reader.read_block(i)
+            state = _converted(meta, raw) if convert else raw
+            block = _materialize(layers[i], i, i - start, state, family, torch_dtype, torch_device)
+            served.append(block)
+            layers[i] = nn.Identity()  # the meta model keeps no reference to served weights
+            bar.set_postfix(read=f"{stats.bytes_read / 2**20:.0f} MiB")
+    finally:
+        reader.close()
+    span_blocks = nn.ModuleList(served)
+    return Span(family, BlockRange(start, end), span_blocks, torch_dtype, torch_device, stats)
+
+
+def _bounds(blocks: BlockRange | range | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(blocks, range):
+        if blocks.step != 1:
+            raise ValueError(f"blocks {blocks} must be contiguous (step 1)")
+        start, end = blocks.start, blocks.stop
+    elif isinstance(blocks, BlockRange):
+        start, end = blocks.start, blocks.end
+    else:
+        start, end = blocks
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+        raise ValueError(f"bad block range {start}:{end}; need 0 <= start < end, e.g. 20:40")
+    return start, end
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype == "auto":
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+
+
+def _config(where: Located, hub_dir: Path | None) -> PretrainedConfig:
+    if where.kind == "gguf":
+        config = AutoConfig.from_pretrained(str(where.path.parent), gguf_file=where.path.name)
+    else:
+        config = AutoConfig.from_pretrained(str(hub_dir or where.path))
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"unsupported architecture: model_type {config.model_type!r} is not a causal LM "
+            "that the installed transformers knows"
+        )
+    return config
+
+
+def _auto_dtype(config: PretrainedConfig, where: Located) -> torch.dtype:
+    declared = getattr(config, "dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if where.kind == "gguf" or not isinstance(declared, torch.dtype):
+        return torch.float32
+    return declared if declared in DTYPES.values() else torch.float32
+
+
+def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    # On the meta device a 70B model costs no memory; we only borrow its layer objects.
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _hub_patterns(directory: Path, pattern: Any, start: int, end: int) -> list[str]:
+    if not (directory / INDEX_NAME).is_file():
+        return [CONFIG_NAME, SINGLE_NAME]
+    names = shard_map(directory)
+    by_block = tensors_by_block(names, pattern)
+    shards = {names[n] for b in range(start, end) for n in by_block.get(b, [])}
+    return [CONFIG_NAME, INDEX_NAME, *sorted(shards)]
+
+
+def _converted(meta: PreTrainedModel, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names and layouts -> the model's, with transformers' own conversion rules (the
+    ones `from_pretrained` applies), on one block's tensors only."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    rules = get_model_conversion_mapping(meta)
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    expected = meta.state_dict()  # meta tensors: names and shapes only
+    prefix = meta.base_model_prefix
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, WeightConverter] = {}
+    for key in sorted(raw, key=dot_natural_key):
+        target, source_pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if target not in expected and key in expected:
+            target, source_pattern = rename_source_key(key, [], [], prefix, expected)
+        if source_pattern is None:
+            out[target] = raw[key]
+            continue
+        converter = pending.setdefault(target, copy.deepcopy(by_pattern[source_pattern]))
+        ready: Future[torch.Tensor] = Future()  # converters collect futures of loaded tensors
+        ready.set_result(raw[key])
+        converter.add_tensor(target, key, source_pattern, ready)
+    for target, converter in pending.items():
+        for name, value in converter.convert(target, model=meta, config=meta.config).items():
+            out[name] = value[0] if isinstance(value, list) else value
+    return out
+
+
+def _materialize(
+    layer: nn.Module,
+    block: int,
+    cache_slot: int,
+    weights: dict[str, torch.Tensor],
+    family: Family,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    prefix = f"{family.layers_path}.{block}."
+    state = {
+        k.removeprefix(prefix): v.to(device=device, dtype=dtype)
+        for k, v in weights.items()
+        if k.startswith(prefix)
+    }
+    try:
+        layer.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"block {block}: the checkpoint does not match the config: {e}") from None
+    tensors = [*layer.named_parameters(), *layer.named_buffers()]
+    if leftover := [name for name, t in tensors if t.is_meta]:
+        raise ValueError(f"unsupported architecture: block {block} keeps unloaded state {leftover}")
+    # The cache of a span covers only the span, so each block's cache slot is its index in it.
+    for module in layer.modules():
+        if isinstance(getattr(module, "layer_idx", None), int):
+            setattr(module, "layer_idx", cache_slot)  # noqa: B010 (mypy: Module attributes)
+    layer.eval()
+    layer.requires_grad_(False)  # servers need input gradients, never weight gradients
+    return layer
