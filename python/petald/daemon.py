@@ -9,7 +9,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -20,7 +20,7 @@ from petald.p2p.dialback import DialBackService, determine_reachability
 from petald.p2p.echo import EchoService
 from petald.p2p.host import P2PHost
 from petald.p2p.identity import default_identity_path, load_or_create_identity
-from petald.stack import build_stack
+from petald.stack import Stack, build_stack
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ async def run_daemon(
     dht_config: DhtConfig | None = None,
     announce_config: AnnounceConfig | None = None,
     announce_ready: Callable[[str], None] | None = None,
+    on_started: Callable[[Stack, str], Awaitable[None]] | None = None,
 ) -> None:
     """Runs until cancelled or signalled. `announce_ready` receives the JSON ready line
     (default: print it on stdout)."""
@@ -84,6 +85,8 @@ async def run_daemon(
         log.info("reachability in %.2f s: %s", trio.current_time() - t2, reachability)
         if await relay.adopt(reachability.status):
             await host.push_addrs()
+        if on_started is not None:  # e.g. `petald serve`: register block RPCs, announce
+            await on_started(stack, reachability.status)
         line = ready_line(host, reachability.status)
         if announce_ready is None:
             print(line, flush=True)
@@ -102,9 +105,17 @@ def main(
     config: P2PConfig,
     dht_config: DhtConfig | None = None,
     announce_config: AnnounceConfig | None = None,
+    on_started: Callable[[Stack, str], Awaitable[None]] | None = None,
 ) -> int:
     try:
-        trio.run(lambda: run_daemon(config, dht_config=dht_config, announce_config=announce_config))
+        trio.run(
+            lambda: run_daemon(
+                config,
+                dht_config=dht_config,
+                announce_config=announce_config,
+                on_started=on_started,
+            )
+        )
     except BaseExceptionGroup as group:
         # trio wraps errors raised in nurseries; a start-up failure such as "no initial peer
         # answered" is one error, and the CLI should print its message, not a group traceback.

@@ -54,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
+    serve = sub.add_parser(
+        "serve",
+        help="serve a span of a model's transformer blocks to the swarm",
+        description="Load blocks START:END of MODEL (a model directory, a .gguf file or a Hub "
+        "id), join the swarm and serve them. Prints one JSON line when online.",
+    )
+    serve.add_argument("model", metavar="MODEL")
+    serve.add_argument("--blocks", required=True, metavar="START:END", help="e.g. 20:40")
+    serve.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    serve.add_argument("--model-name", help="announce under this name (default: from MODEL)")
+    add_p2p_args(serve)
     status = sub.add_parser(
         "status",
         help="show what a swarm serves: models, block coverage, servers",
@@ -155,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(args.log_level)
             return dht_run(
                 p2p_config(args), args.op, args.key, args.value, args.ttl, args.rpc_timeout
+            )
+        if args.command == "serve":
+            from petald.cli.serve import run as serve_run
+
+            setup_logging(args.log_level)
+            return serve_run(
+                p2p_config(args), args.model, args.blocks, args.dtype, args.device, args.model_name
             )
         if args.command == "status":
             from petald.cli.status import run as status_run

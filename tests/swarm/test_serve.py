@@ -1,0 +1,139 @@
+"""`petald serve` as a real process: it loads a span of a tiny Llama saved with save_pretrained,
+answers `info` and `forward` for any sub-range of it within 1e-5 of the local transformers
+layers, refuses bad requests with error replies while it keeps serving, and announces itself so
+`petald status` lists it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from petald.dht.node import DhtConfig
+from petald.p2p.config import P2PConfig
+from petald.server.handlers import FORWARD_PROTOCOL, INFO_PROTOCOL
+from petald.stack import start_stack
+from petald.testing import DaemonProcess, petald_json, start_daemon, stop_all
+from petald.wire.messages import read_message, write_message
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, tmp_path_factory) -> list[DaemonProcess]:
+    path, _ = tiny_llama
+    tmp = tmp_path_factory.mktemp("serve")
+    boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
+    try:
+        server = start_daemon(
+            "serve",
+            str(path),
+            "--blocks",
+            "1:4",
+            "--initial-peers",
+            boot.addr,
+            identity=tmp / "server.key",
+            ready_timeout=120,
+        )
+    except BaseException:
+        stop_all([boot])
+        raise
+    yield [boot, server]
+    stop_all([server, boot])
+
+
+async def call(server: DaemonProcess, protocol, header: dict, tensors=()):
+    config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=(server.addr,))
+    async with trio.open_nursery() as nursery:
+        stack = await start_stack(
+            nursery,
+            create_new_key_pair(),
+            config,
+            dht_config=DhtConfig(client_mode=True),
+            announcements=False,
+        )
+        stream = await stack.host.host.new_stream(ID.from_base58(server.peer_id), [protocol])
+        await write_message(stream, header, list(tensors))
+        with trio.fail_after(60):
+            answer = await read_message(stream)
+        await stream.reset()
+        nursery.cancel_scope.cancel()
+    return answer
+
+
+async def test_forward_matches_local_layers_on_any_sub_range(served, tiny_llama) -> None:
+    _, model = tiny_llama
+    server = served[1]
+    info, _ = await call(server, INFO_PROTOCOL, {})
+    assert info["model"] == "tiny-llama" and info["blocks"] == [1, 4] and info["hidden_size"] == 64
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states  # hs[i]: input of layer i
+    for start, end in [(1, 3), (2, 3)]:
+        header, tensors = await call(
+            server, FORWARD_PROTOCOL, {"start": start, "end": end}, [hs[start]]
+        )
+        assert header == {"ok": True, "tensors": 1}
+        err = (tensors[0] - hs[end]).abs().max().item()
+        print(f"blocks {start}:{end}: max |remote - local| = {err:.2e}")
+        assert err < 1e-5
+
+
+async def test_bad_requests_get_error_replies_and_the_server_keeps_serving(
+    served, tiny_llama
+) -> None:
+    server = served[1]
+    good = torch.randn(1, 3, 64)
+    cases = [
+        ({"start": 0, "end": 2}, [good], "bad_blocks"),
+        ({"start": 1, "end": 9}, [good], "bad_blocks"),
+        ({"start": "1"}, [good], "bad_blocks"),
+        ({}, [torch.randn(1, 3, 65)], "bad_shape"),
+        ({}, [torch.randn(3, 64)], "bad_shape"),
+        ({}, [torch.zeros(1, 3, 64, dtype=torch.int64)], "bad_dtype"),
+        ({}, [torch.randn(1, 9000, 64)], "too_large"),
+        ({}, [good, torch.ones(2, 2)], "bad_mask"),
+        ({"codec": "gzip"}, [good], "bad_codec"),
+        ({}, [], "bad_tensors"),
+    ]
+    for header, tensors, code in cases:
+        answer, _ = await call(server, FORWARD_PROTOCOL, header, tensors)
+        assert answer.get("error") == code, (header, answer)
+    answer, out = await call(server, FORWARD_PROTOCOL, {"codec": "fp16"}, [good])
+    assert answer["ok"] and out[0].shape == good.shape
+
+
+def test_status_lists_the_server(served) -> None:
+    boot, server = served
+    st = petald_json(
+        "status", "--json", "--model", "tiny-llama", "--wait", "1", "--initial-peers", boot.addr
+    )
+    model = next(m for m in st["models"] if m["model"] == "tiny-llama")
+    assert [(s["peer_id"], s["blocks"], s["state"]) for s in model["servers"]] == [
+        (server.peer_id, "1:4", "online")
+    ]
+    assert model["n_blocks"] == 4
+    assert [(c["blocks"], c["servers"]) for c in model["coverage"]] == [("0:1", 0), ("1:4", 1)]
