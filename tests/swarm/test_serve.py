@@ -137,3 +137,25 @@ def test_status_lists_the_server(served) -> None:
     ]
     assert model["n_blocks"] == 4
     assert [(c["blocks"], c["servers"]) for c in model["coverage"]] == [("0:1", 0), ("1:4", 1)]
+
+
+async def test_backward_matches_local_autograd(served, tiny_llama) -> None:
+    """Remote input gradients equal autograd through the same span loaded locally (the span's
+    own backward is checked against transformers in tests/unit/server)."""
+    from petald.server.handlers import BACKWARD_PROTOCOL
+    from petald.server.loading import load_span
+
+    path, _ = tiny_llama
+    server = served[1]
+    local = load_span(path, (1, 4), progress=False)
+    x, g = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    xr = x.clone().requires_grad_(True)
+    local.forward(xr, start_block=1, end_block=3, attention_mask=mask).backward(g)
+    header, tensors = await call(server, BACKWARD_PROTOCOL, {"start": 1, "end": 3}, [x, g, mask])
+    assert header == {"ok": True, "tensors": 1}
+    err = (tensors[0] - xr.grad).abs().max().item()
+    print(f"backward blocks 1:3: max |remote - local| grad = {err:.2e}")
+    assert err < 1e-5
+    bad, _ = await call(server, BACKWARD_PROTOCOL, {}, [x, torch.randn(2, 4, 64)])
+    assert bad["error"] == "bad_grad"

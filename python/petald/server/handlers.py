@@ -4,6 +4,9 @@
 - `/petald/info/1.0.0`: model, span, dtype, limits, version.
 - `/petald/forward/1.0.0`: hidden states (batch, seq, hidden) through blocks [start, end) of the
   span (any sub-range), optional attention mask; answer: the output hidden states.
+- `/petald/backward/1.0.0`: the same inputs plus the gradient of the output; the server
+  recomputes the forward (it keeps no activations between requests) and answers the gradient of
+  the input hidden states. The blocks stay frozen.
 
 Every request is validated at the edge (block range inside the span, shapes, dtypes, sizes) and
 answered with `{"error": code, "message": ...}` instead of the tensors when it is bad, so a
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 INFO_PROTOCOL = TProtocol("/petald/info/1.0.0")
 FORWARD_PROTOCOL = TProtocol("/petald/forward/1.0.0")
+BACKWARD_PROTOCOL = TProtocol("/petald/backward/1.0.0")
 CODECS = ("none", "zstd", "fp16", "bf16", "int8", "int8-256", "int8+zstd")
 
 
@@ -72,6 +76,7 @@ class BlockHandlers:
     def register(self, host: IHost) -> None:
         host.set_stream_handler(INFO_PROTOCOL, self._on_info)
         host.set_stream_handler(FORWARD_PROTOCOL, self._on_forward)
+        host.set_stream_handler(BACKWARD_PROTOCOL, self._on_backward)
 
     async def _on_info(self, stream: INetStream) -> None:
         with trio.move_on_after(self.limits.request_timeout):
@@ -83,7 +88,9 @@ class BlockHandlers:
                 log.debug("info request failed: %s", e)
                 await _reset(stream)
 
-    def _check_forward(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> tuple:
+    def _check(
+        self, header: dict[str, Any], tensors: list[torch.Tensor], *, backward: bool = False
+    ) -> tuple:
         span = self.span.blocks
         start, end = header.get("start", span.start), header.get("end", span.end)
         ints = type(start) is int and type(end) is int
@@ -92,8 +99,10 @@ class BlockHandlers:
         codec = header.get("codec", "none")
         if codec not in CODECS:
             raise BadRequest("bad_codec", f"codec must be one of {CODECS}")
-        if len(tensors) not in (1, 2):
-            raise BadRequest("bad_tensors", "send hidden states and optionally an attention mask")
+        grads = 1 if backward else 0
+        if len(tensors) not in (1 + grads, 2 + grads):
+            what = "hidden states, output gradient" if backward else "hidden states"
+            raise BadRequest("bad_tensors", f"send {what} and optionally an attention mask")
         hidden = tensors[0]
         if hidden.dim() != 3 or hidden.shape[-1] != self.span.config.hidden_size:
             raise BadRequest(
@@ -108,7 +117,11 @@ class BlockHandlers:
                 f"batch {batch} x seq {seq} is over the limits (batch <= {self.limits.max_batch}, "
                 f"tokens <= {self.limits.max_tokens})",
             )
-        mask = tensors[1] if len(tensors) == 2 else None
+        if backward and (
+            tensors[1].shape != hidden.shape or not tensors[1].dtype.is_floating_point
+        ):
+            raise BadRequest("bad_grad", "the output gradient must have the hidden states' shape")
+        mask = tensors[1 + grads] if len(tensors) == 2 + grads else None
         if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != (batch, seq)):
             raise BadRequest("bad_mask", "attention mask must be (batch, seq)")
         return hidden, mask, start, end, codec
@@ -118,19 +131,37 @@ class BlockHandlers:
             out = self.span.forward(hidden, start_block=start, end_block=end, attention_mask=mask)
         return out.to(hidden.dtype).cpu()
 
+    def _run_backward(self, hidden, grad, mask, start, end) -> torch.Tensor:
+        x = hidden.to(self.span.dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.span.forward(x, start_block=start, end_block=end, attention_mask=mask)
+            (grad_in,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+        return grad_in.to(hidden.dtype).cpu()
+
     async def _on_forward(self, stream: INetStream) -> None:
+        await self._serve(stream, backward=False)
+
+    async def _on_backward(self, stream: INetStream) -> None:
+        await self._serve(stream, backward=True)
+
+    async def _serve(self, stream: INetStream, *, backward: bool) -> None:
+        """One request: read and validate, compute off the loop, answer; errors are replies."""
         with trio.move_on_after(self.limits.request_timeout):
             try:
                 header, tensors = await read_message(stream)
                 try:
-                    hidden, mask, start, end, codec = self._check_forward(header, tensors)
+                    hidden, mask, start, end, codec = self._check(
+                        header, tensors, backward=backward
+                    )
                 except BadRequest as e:
                     await write_message(stream, {"error": e.code, "message": str(e)})
                     await stream.close()
                     return
-                out = await trio.to_thread.run_sync(
-                    self._run_forward, hidden, mask, start, end, limiter=self.limiter
-                )
+                if backward:
+                    args = (self._run_backward, hidden, tensors[1], mask, start, end)
+                else:
+                    args = (self._run_forward, hidden, mask, start, end)
+                out = await trio.to_thread.run_sync(*args, limiter=self.limiter)
                 await write_message(stream, {"ok": True}, [out], codec=codec)
                 await stream.close()
             except (MessageError, FrameError, CodecError) as e:
@@ -138,7 +169,7 @@ class BlockHandlers:
                     await write_message(stream, {"error": "malformed", "message": str(e)})
                 await _reset(stream)
             except Exception as e:  # never let a peer's stream crash the daemon
-                log.warning("forward request failed: %s", e)
+                log.warning("%s request failed: %s", "backward" if backward else "forward", e)
                 await _reset(stream)
 
 
