@@ -55,6 +55,8 @@ def served(tiny_llama, tmp_path_factory) -> list[DaemonProcess]:
             "1:4",
             "--initial-peers",
             boot.addr,
+            "--cache-tokens",
+            "64",
             identity=tmp / "server.key",
             ready_timeout=120,
         )
@@ -159,3 +161,88 @@ async def test_backward_matches_local_autograd(served, tiny_llama) -> None:
     assert err < 1e-5
     bad, _ = await call(server, BACKWARD_PROTOCOL, {}, [x, torch.randn(2, 4, 64)])
     assert bad["error"] == "bad_grad"
+
+
+class Session:
+    """A client side of /petald/inference/1.0.0 on one stream (the client issue builds the real
+    one; this drives the protocol directly)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    async def send(self, header: dict, tensors=()):
+        await write_message(self.stream, header, list(tensors))
+        with trio.fail_after(60):
+            return await read_message(self.stream)
+
+
+async def with_sessions(server: DaemonProcess, body) -> None:
+    from petald.server.inference import INFERENCE_PROTOCOL
+
+    config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=(server.addr,))
+    async with trio.open_nursery() as nursery:
+        stack = await start_stack(
+            nursery,
+            create_new_key_pair(),
+            config,
+            dht_config=DhtConfig(client_mode=True),
+            announcements=False,
+        )
+
+        async def open_session() -> Session:
+            stream = await stack.host.host.new_stream(
+                ID.from_base58(server.peer_id), [INFERENCE_PROTOCOL]
+            )
+            return Session(stream)
+
+        await body(open_session)
+        nursery.cancel_scope.cancel()
+
+
+async def test_inference_session_steps_rollback_retransmit_and_budget(served, tiny_llama) -> None:
+    _, model = tiny_llama
+    server = served[1]
+    ids = torch.randint(0, 128, (1, 8))
+    alt = ids.clone()
+    alt[0, 5:] = (ids[0, 5:] + 1) % 128
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+        hs_alt = model(alt, output_hidden_states=True).hidden_states
+
+    async def body(open_session) -> None:
+        s = await open_session()
+        opened, _ = await s.send({"batch": 1, "max_length": 40, "start": 1, "end": 3})
+        assert opened["ok"]
+        # The budget is 64 tokens: a second 40-token session is refused at once with "busy".
+        other = await open_session()
+        busy, _ = await other.send({"batch": 1, "max_length": 40, "start": 1, "end": 3})
+        assert busy["error"] == "busy" and busy["retry_after"] > 0
+        outs = []
+        h, (prefix,) = await s.send({"step": 0, "position": 0}, [hs[1][:, :4]])
+        assert h["position"] == 4
+        outs.append(prefix)
+        for t in range(4, 8):
+            h, (o,) = await s.send({"step": t, "position": t}, [hs[1][:, t : t + 1]])
+            outs.append(o)
+        err = (torch.cat(outs, dim=1) - hs[3]).abs().max().item()
+        print(f"inference session, 8 tokens step by step: max |remote - full forward| = {err:.2e}")
+        assert err < 1e-5
+        # Retransmission of the last step: same answer, nothing applied twice.
+        again, (o2,) = await s.send({"step": 7, "position": 7}, [hs[1][:, 7:8]])
+        assert again["position"] == 8 and torch.equal(o2, outs[-1])
+        # Roll back to position 5 and continue with other tokens.
+        h, (o,) = await s.send({"step": 8, "position": 5}, [hs_alt[1][:, 5:8]])
+        assert h["position"] == 8
+        assert (o - hs_alt[3][:, 5:8]).abs().max().item() < 1e-5
+        # A bad step is answered and leaves the session usable.
+        bad, _ = await s.send({"step": 9, "position": 8}, [torch.randn(1, 1, 65)])
+        assert bad["error"] == "bad_step"
+        h, _ = await s.send({"step": 10, "position": 8}, [torch.randn(1, 1, 64)])
+        assert h["position"] == 9
+        await write_message(s.stream, {"close": True})
+        # Closing returned the tokens: the other client can open now.
+        third = await open_session()
+        ok, _ = await third.send({"batch": 1, "max_length": 40, "start": 1, "end": 3})
+        assert ok.get("ok"), ok
+
+    await with_sessions(server, body)

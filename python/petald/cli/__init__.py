@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     serve.add_argument("--model-name", help="announce under this name (default: from MODEL)")
+    serve.add_argument(
+        "--cache-tokens",
+        type=int,
+        help="KV-cache budget in tokens across sessions (default: a quarter of free memory)",
+    )
     add_p2p_args(serve)
     status = sub.add_parser(
         "status",
@@ -175,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging(args.log_level)
             return serve_run(
-                p2p_config(args), args.model, args.blocks, args.dtype, args.device, args.model_name
+                p2p_config(args),
+                args.model,
+                args.blocks,
+                args.dtype,
+                args.device,
+                args.model_name,
+                args.cache_tokens,
             )
         if args.command == "status":
             from petald.cli.status import run as status_run

@@ -12,7 +12,9 @@ from petald import __version__
 from petald.daemon import main as daemon_main
 from petald.p2p.config import P2PConfig
 from petald.server.handlers import BlockHandlers
+from petald.server.inference import InferenceSessions
 from petald.server.loading import load_span
+from petald.server.memory import CacheBudget, bytes_per_token, default_budget
 from petald.stack import Stack
 from petald.types import BlockRange, ServerInfo
 
@@ -29,15 +31,31 @@ def model_name(source: str) -> str:
 
 
 def run(
-    config: P2PConfig, source: str, blocks: str, dtype: str, device: str, name: str | None
+    config: P2PConfig,
+    source: str,
+    blocks: str,
+    dtype: str,
+    device: str,
+    name: str | None,
+    cache_tokens: int | None = None,
 ) -> int:
     span_range = BlockRange.parse(blocks)
+    if cache_tokens is not None and cache_tokens < 1:
+        raise ValueError("--cache-tokens must be positive")
     span = load_span(source, span_range, dtype=dtype, device=device, progress=True)
     model = name or model_name(source)
     handlers = BlockHandlers(span, model)
+    cfg = span.config
+    kv_fraction = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    per_token = bytes_per_token(
+        len(span_range), cfg.hidden_size, kv_fraction / cfg.num_attention_heads, span.dtype
+    )
+    budget = CacheBudget(cache_tokens or default_budget(per_token, span.device))
+    sessions = InferenceSessions(handlers, budget)
 
     async def on_started(stack: Stack, reachability: str) -> None:
         handlers.register(stack.host.host)
+        sessions.register(stack.host.host)
         assert stack.announcer is not None
         stack.announcer.announce(
             ServerInfo(
@@ -45,6 +63,7 @@ def run(
                 blocks=span_range,
                 n_blocks=int(span.config.num_hidden_layers),
                 state="online",
+                cache_tokens_free=budget.free_tokens,
                 dtype=str(span.dtype).removeprefix("torch."),
                 relayed=reachability == "private",
                 addrs=tuple(stack.host.addrs()[:8]),

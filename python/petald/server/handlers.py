@@ -86,7 +86,7 @@ class BlockHandlers:
                 await stream.close()
             except Exception as e:  # a broken stream from a peer must not take us down
                 log.debug("info request failed: %s", e)
-                await _reset(stream)
+                await reset_stream(stream)
 
     def _check(
         self, header: dict[str, Any], tensors: list[torch.Tensor], *, backward: bool = False
@@ -167,12 +167,12 @@ class BlockHandlers:
             except (MessageError, FrameError, CodecError) as e:
                 with contextlib.suppress(Exception):
                     await write_message(stream, {"error": "malformed", "message": str(e)})
-                await _reset(stream)
+                await reset_stream(stream)
             except Exception as e:  # never let a peer's stream crash the daemon
                 log.warning("%s request failed: %s", "backward" if backward else "forward", e)
-                await _reset(stream)
+                await reset_stream(stream)
 
 
-async def _reset(stream: INetStream) -> None:
+async def reset_stream(stream: INetStream) -> None:
     with contextlib.suppress(Exception):  # already closed or reset by the peer
         await stream.reset()
