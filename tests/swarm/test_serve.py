@@ -5,6 +5,8 @@ layers, refuses bad requests with error replies while it keeps serving, and anno
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -67,7 +69,9 @@ def served(tiny_llama, tmp_path_factory) -> list[DaemonProcess]:
     stop_all([server, boot])
 
 
-async def call(server: DaemonProcess, protocol, header: dict, tensors=()):
+@asynccontextmanager
+async def client(server: DaemonProcess) -> AsyncIterator[Callable]:
+    """A DHT-client peer joined through `server`; yields `open(protocol)` -> a new stream."""
     config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=(server.addr,))
     async with trio.open_nursery() as nursery:
         stack = await start_stack(
@@ -77,12 +81,21 @@ async def call(server: DaemonProcess, protocol, header: dict, tensors=()):
             dht_config=DhtConfig(client_mode=True),
             announcements=False,
         )
-        stream = await stack.host.host.new_stream(ID.from_base58(server.peer_id), [protocol])
+
+        async def open_stream(protocol):
+            return await stack.host.host.new_stream(ID.from_base58(server.peer_id), [protocol])
+
+        yield open_stream
+        nursery.cancel_scope.cancel()
+
+
+async def call(server: DaemonProcess, protocol, header: dict, tensors=()):
+    async with client(server) as open_stream:
+        stream = await open_stream(protocol)
         await write_message(stream, header, list(tensors))
         with trio.fail_after(60):
             answer = await read_message(stream)
         await stream.reset()
-        nursery.cancel_scope.cancel()
     return answer
 
 
@@ -179,24 +192,12 @@ class Session:
 async def with_sessions(server: DaemonProcess, body) -> None:
     from petald.server.inference import INFERENCE_PROTOCOL
 
-    config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=(server.addr,))
-    async with trio.open_nursery() as nursery:
-        stack = await start_stack(
-            nursery,
-            create_new_key_pair(),
-            config,
-            dht_config=DhtConfig(client_mode=True),
-            announcements=False,
-        )
+    async with client(server) as open_stream:
 
         async def open_session() -> Session:
-            stream = await stack.host.host.new_stream(
-                ID.from_base58(server.peer_id), [INFERENCE_PROTOCOL]
-            )
-            return Session(stream)
+            return Session(await open_stream(INFERENCE_PROTOCOL))
 
         await body(open_session)
-        nursery.cancel_scope.cancel()
 
 
 async def test_inference_session_steps_rollback_retransmit_and_budget(served, tiny_llama) -> None:
