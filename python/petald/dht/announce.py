@@ -59,8 +59,10 @@ class AnnounceConfig:
     gossip_heartbeat: int = 1  # gossipsub mesh maintenance (py-libp2p's default is 120 s)
 
     def __post_init__(self) -> None:
-        if not 0 < self.heartbeat < self.ttl:
-            raise ValueError("announcement heartbeat must be positive and below the ttl")
+        # Block keys are re-put once half the ttl has passed, at the next heartbeat: that must
+        # come before they expire.
+        if not 0 < self.heartbeat < self.ttl / 2:
+            raise ValueError("announcement heartbeat must be positive and below half the ttl")
 
 
 class Announcer:
@@ -87,6 +89,8 @@ class Announcer:
         self.pubsub = Pubsub(host, self.gossipsub)
         self.rejected: Counter[str] = Counter()
         self._info: ServerInfo | None = None
+        self._blocks_info: ServerInfo | None = None
+        self._blocks_due = 0.0
         self._changed = trio.Event()
         self._watched: set[str] = set()
         self._nursery: trio.Nursery | None = None
@@ -191,15 +195,21 @@ class Announcer:
             await self.pubsub.publish(topic_for(info.model), data)
         except Exception as e:  # no peers yet, or a transient send failure: heartbeats retry
             log.debug("gossip publish failed: %s", e)
-        blocks = [
-            sign_record(
-                self.key_pair.private_key,
-                block_key(info.model, b),
-                info.to_cbor(),
-                now + self.config.ttl,
-            )
-            for b in range(info.blocks.start, info.blocks.end)
-        ]
+        # The model key is refreshed every heartbeat (late joiners read it); the per-block keys,
+        # one DHT put each, only when the announcement changed or half their ttl has passed.
+        value = info.to_cbor()
+        blocks = []
+        if info != self._blocks_info or now >= self._blocks_due:
+            blocks = [
+                sign_record(
+                    self.key_pair.private_key,
+                    block_key(info.model, b),
+                    value,
+                    now + self.config.ttl,
+                )
+                for b in range(info.blocks.start, info.blocks.end)
+            ]
+            self._blocks_info, self._blocks_due = info, now + self.config.ttl / 2
         limiter = trio.CapacityLimiter(4)  # bounded fan-out of DHT puts
 
         async def put(r: SignedRecord) -> None:
