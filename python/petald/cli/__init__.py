@@ -7,10 +7,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from petald import __version__
 from petald.errors import PetaldError
-from petald.p2p.config import P2PConfig
+
+if TYPE_CHECKING:  # importing py-libp2p costs ~2 s; `petald --help` should not pay it
+    from petald.p2p.config import P2PConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,7 +136,7 @@ def add_p2p_args(p: argparse.ArgumentParser, *, listen_default: str | None = Non
 
 
 def p2p_config(args: argparse.Namespace) -> P2PConfig:
-    from petald.p2p.config import DEFAULT_LISTEN
+    from petald.p2p.config import DEFAULT_LISTEN, P2PConfig
 
     return P2PConfig(
         listen=tuple(args.listen or DEFAULT_LISTEN),

@@ -26,7 +26,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
-from petald._native import ClosestPeersLookup, RoutingTable
+from petald._native import ClosestPeersLookup, RoutingTable, xor_distance
 from petald.dht.records import RecordStore, SignedRecord
 from petald.dht.rpc import DhtRpc
 from petald.errors import PeerUnavailable, RecordError, RemoteError
@@ -317,8 +317,6 @@ def _key_in_bucket(local_key: bytes, bucket: int) -> bytes | None:
 
 
 def _bucket_of(table: RoutingTable, target: bytes) -> int:
-    from petald._native import xor_distance
-
     d = int.from_bytes(xor_distance(table.local_key, target), "big")
     return max(d.bit_length() - 1, 0)
 
