@@ -40,14 +40,30 @@ def ready_line(host: P2PHost, reachability: str | None = None) -> str:
 
 
 async def _stop_on_signal(
-    cancel: Callable[[], None], *, task_status=trio.TASK_STATUS_IGNORED
+    cancel: Callable[[], None],
+    drain: Callable[[], Awaitable[None]] | None,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """The first SIGINT/SIGTERM drains (if the daemon has work to drain), then stops; a second
+    one stops at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
-        async for sig in signals:
-            log.info("received %s, stopping", signal.Signals(sig).name)
-            cancel()
-            return
+        async with trio.open_nursery() as nursery:
+            async for sig in signals:
+                name = signal.Signals(sig).name
+                if drain is None or nursery.child_tasks:
+                    log.info("received %s, stopping", name)
+                    cancel()
+                    return
+                log.info("received %s: draining (send it again to stop at once)", name)
+                print(json.dumps({"event": "draining"}), flush=True)
+
+                async def drain_then_stop() -> None:
+                    await drain()
+                    cancel()
+
+                nursery.start_soon(drain_then_stop)
 
 
 async def run_daemon(
@@ -56,16 +72,18 @@ async def run_daemon(
     dht_config: DhtConfig | None = None,
     announce_config: AnnounceConfig | None = None,
     announce_ready: Callable[[str], None] | None = None,
-    on_started: Callable[[Stack, str], Awaitable[None]] | None = None,
+    on_started: Callable[[Stack, str, trio.Nursery], Awaitable[None]] | None = None,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Runs until cancelled or signalled. `announce_ready` receives the JSON ready line
-    (default: print it on stdout)."""
+    """Runs until cancelled or signalled. `on_started(stack, reachability, nursery)` runs once
+    joined (e.g. `petald serve` starts serving there), before the JSON ready line goes to
+    `announce_ready` (default: printed on stdout). `on_drain` runs on the first signal."""
     identity_path = config.identity or default_identity_path()
     key_pair, created = load_or_create_identity(identity_path)
     if created:
         log.info("created identity %s", identity_path)
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal, nursery.cancel_scope.cancel)
+        await nursery.start(_stop_on_signal, nursery.cancel_scope.cancel, on_drain)
         t0 = trio.current_time()
         stack = build_stack(
             key_pair,
@@ -86,7 +104,7 @@ async def run_daemon(
         if await relay.adopt(reachability.status):
             await host.push_addrs()
         if on_started is not None:  # e.g. `petald serve`: register block RPCs, announce
-            await on_started(stack, reachability.status)
+            await on_started(stack, reachability.status, nursery)
         line = ready_line(host, reachability.status)
         if announce_ready is None:
             print(line, flush=True)
@@ -105,7 +123,8 @@ def main(
     config: P2PConfig,
     dht_config: DhtConfig | None = None,
     announce_config: AnnounceConfig | None = None,
-    on_started: Callable[[Stack, str], Awaitable[None]] | None = None,
+    on_started: Callable[[Stack, str, trio.Nursery], Awaitable[None]] | None = None,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     try:
         trio.run(
@@ -114,6 +133,7 @@ def main(
                 dht_config=dht_config,
                 announce_config=announce_config,
                 on_started=on_started,
+                on_drain=on_drain,
             )
         )
     except BaseExceptionGroup as group:

@@ -235,9 +235,30 @@ async def test_inference_session_steps_rollback_retransmit_and_budget(served, ti
         h, (o,) = await s.send({"step": 8, "position": 5}, [hs_alt[1][:, 5:8]])
         assert h["position"] == 8
         assert (o - hs_alt[3][:, 5:8]).abs().max().item() < 1e-5
-        # A bad step is answered and leaves the session usable.
-        bad, _ = await s.send({"step": 9, "position": 8}, [torch.randn(1, 1, 65)])
-        assert bad["error"] == "bad_step"
+        # Bad steps are answered and leave the session usable; garbage on another stream and a
+        # step on a stream that never opened a session are refused meanwhile.
+        bad_steps = [
+            ({"step": 9, "position": 8}, [torch.randn(1, 1, 65)], "bad_shape"),
+            ({"step": 9, "position": 8}, [torch.randn(2, 1, 64)], "bad_shape"),
+            ({"step": 9, "position": 8}, [torch.ones(1, 1, 64, dtype=torch.int32)], "bad_dtype"),
+            ({"step": 9, "position": 9}, [torch.randn(1, 1, 64)], "bad_position"),
+            ({"step": 9, "position": 8}, [torch.randn(1, 40, 64)], "too_long"),
+            ({"step": 9, "position": 8}, [torch.randn(1, 1, 64), torch.ones(1, 3)], "bad_mask"),
+            ({"step": 9, "position": 8, "positions": True}, [torch.randn(1, 1, 64)], "bad_tensors"),
+        ]
+        for header, tensors, code in bad_steps:
+            bad, _ = await s.send(header, tensors)
+            assert bad["error"] == code, (header, bad)
+        stray = await open_session()
+        await stray.stream.write(b"\x05garbage-that-is-no-message")
+        with trio.fail_after(30):  # an error reply or a reset, never a hang
+            try:
+                await stray.stream.read(65536)
+            except Exception:
+                pass
+        unopened = await open_session()
+        refused, _ = await unopened.send({"step": 0, "position": 0}, [hs[1][:, :1]])
+        assert refused["error"] == "malformed"
         h, _ = await s.send({"step": 10, "position": 8}, [torch.randn(1, 1, 64)])
         assert h["position"] == 9
         await write_message(s.stream, {"close": True})

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from petald import __version__
+from petald.cli.serve import add_arguments as add_serve_arguments
 from petald.errors import PetaldError
 
 if TYPE_CHECKING:  # importing py-libp2p costs ~2 s; `petald --help` should not pay it
@@ -60,21 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve a span of a model's transformer blocks to the swarm",
-        description="Load blocks START:END of MODEL (a model directory, a .gguf file or a Hub "
-        "id), join the swarm and serve them. Prints one JSON line when online.",
+        description="Join the swarm, load blocks START:END of MODEL (a model directory, a .gguf "
+        "file or a Hub id) and serve them. Prints one JSON line when online. The first "
+        "SIGTERM/SIGINT drains (no new sessions, active ones finish), a second one stops.",
     )
-    serve.add_argument("model", metavar="MODEL")
-    serve.add_argument("--blocks", required=True, metavar="START:END", help="e.g. 20:40")
-    serve.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    serve.add_argument("--model-name", help="announce under this name (default: from MODEL)")
-    serve.add_argument(
-        "--cache-tokens",
-        type=int,
-        help="KV-cache budget in tokens across sessions (default: a quarter of free memory)",
-    )
+    add_serve_arguments(serve)
     add_p2p_args(serve)
     status = sub.add_parser(
         "status",
@@ -182,15 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             from petald.cli.serve import run as serve_run
 
             setup_logging(args.log_level)
-            return serve_run(
-                p2p_config(args),
-                args.model,
-                args.blocks,
-                args.dtype,
-                args.device,
-                args.model_name,
-                args.cache_tokens,
-            )
+            return serve_run(p2p_config(args), args)
         if args.command == "status":
             from petald.cli.status import run as status_run
 

@@ -1,24 +1,60 @@
-"""`petald serve MODEL --blocks START:END`: load only that span of MODEL (a model directory, a
-.gguf file or a Hub id), join the swarm as a daemon, answer the block RPCs
-(petald.server.handlers) and announce the span. Weights load before the event loop starts, with a
-progress bar; the ready line is printed once the server is announced online."""
+"""`petald serve MODEL --blocks START:END` (or `--num-blocks N`): join the swarm as a daemon,
+load that span of MODEL (a model directory, a .gguf file or a Hub id) in a compute process,
+answer the block RPCs and announce the span (petald.server.service). The JSON ready line is
+printed once the server is online; the first SIGTERM/SIGINT drains, a second one stops at once.
+
+This module stays light to import (argparse wiring); the daemon and torch load in `run`."""
 
 from __future__ import annotations
 
-import logging
+import argparse
 from pathlib import Path
 
-from petald import __version__
-from petald.daemon import main as daemon_main
-from petald.p2p.config import P2PConfig
-from petald.server.handlers import BlockHandlers
-from petald.server.inference import InferenceSessions
-from petald.server.loading import load_span
-from petald.server.memory import CacheBudget, bytes_per_token, default_budget
-from petald.stack import Stack
-from petald.types import BlockRange, ServerInfo
+from petald.types import BlockRange
 
-log = logging.getLogger(__name__)
+QUANT_MODES = ("none", "int8", "nf4")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="model directory, .gguf file or Hub id")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--blocks", metavar="START:END", help="serve these blocks, e.g. 20:40")
+    where.add_argument(
+        "--num-blocks",
+        type=int,
+        metavar="N",
+        help="serve the N consecutive blocks the swarm serves least, and move when the swarm "
+        "becomes badly unbalanced",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument(
+        "--quant", default="none", choices=QUANT_MODES, help="quantize the linear layers"
+    )
+    p.add_argument("--model-name", help="announce under this name (default: from MODEL)")
+    p.add_argument("--public-name", default="", help="a name shown in `petald status`")
+    p.add_argument(
+        "--cache-tokens",
+        type=int,
+        help="KV-cache budget in tokens across sessions (default: a quarter of free memory)",
+    )
+    p.add_argument(
+        "--throughput",
+        default="auto",
+        help="tokens/s to announce; 'auto' measures once and caches it, 'eval' measures again",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds active sessions get to finish on SIGTERM or a move (default: 60)",
+    )
+    p.add_argument(
+        "--rebalance-period",
+        type=float,
+        default=600.0,
+        help="with --num-blocks: seconds between balance checks (0: never move)",
+    )
 
 
 def model_name(source: str) -> str:
@@ -30,46 +66,54 @@ def model_name(source: str) -> str:
     return source
 
 
-def run(
-    config: P2PConfig,
-    source: str,
-    blocks: str,
-    dtype: str,
-    device: str,
-    name: str | None,
-    cache_tokens: int | None = None,
-) -> int:
-    span_range = BlockRange.parse(blocks)
-    if cache_tokens is not None and cache_tokens < 1:
+def serve_config(args: argparse.Namespace):  # -> ServeConfig (imported lazily)
+    from petald.server.service import ServeConfig
+
+    if args.cache_tokens is not None and args.cache_tokens < 1:
         raise ValueError("--cache-tokens must be positive")
-    span = load_span(source, span_range, dtype=dtype, device=device, progress=True)
-    model = name or model_name(source)
-    handlers = BlockHandlers(span, model)
-    cfg = span.config
-    kv_fraction = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    per_token = bytes_per_token(
-        len(span_range), cfg.hidden_size, kv_fraction / cfg.num_attention_heads, span.dtype
+    if args.num_blocks is not None and args.num_blocks < 1:
+        raise ValueError("--num-blocks must be positive")
+    if args.throughput not in ("auto", "eval"):
+        try:
+            ok = float(args.throughput) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("--throughput must be auto, eval or a positive number of tokens/s")
+    if args.drain_timeout < 0:
+        raise ValueError("--drain-timeout must be >= 0")
+    return ServeConfig(
+        source=args.model,
+        model=args.model_name or model_name(args.model),
+        blocks=BlockRange.parse(args.blocks) if args.blocks else None,
+        num_blocks=args.num_blocks,
+        dtype=args.dtype,
+        device=args.device,
+        quant=args.quant,
+        cache_tokens=args.cache_tokens,
+        throughput=args.throughput,
+        drain_timeout=args.drain_timeout,
+        rebalance_period=args.rebalance_period,
+        public_name=args.public_name,
     )
-    budget = CacheBudget(cache_tokens or default_budget(per_token, span.device))
-    sessions = InferenceSessions(handlers, budget)
 
-    async def on_started(stack: Stack, reachability: str) -> None:
-        handlers.register(stack.host.host)
-        sessions.register(stack.host.host)
-        assert stack.announcer is not None
-        stack.announcer.announce(
-            ServerInfo(
-                model=model,
-                blocks=span_range,
-                n_blocks=int(span.config.num_hidden_layers),
-                state="online",
-                cache_tokens_free=budget.free_tokens,
-                dtype=str(span.dtype).removeprefix("torch."),
-                relayed=reachability == "private",
-                addrs=tuple(stack.host.addrs()[:8]),
-                version=__version__,
-            )
-        )
-        log.info("serving %s blocks %s", model, span_range)
 
-    return daemon_main(config, on_started=on_started)
+def run(p2p, args: argparse.Namespace) -> int:
+    import trio
+
+    from petald.daemon import main as daemon_main
+    from petald.server.service import BlockServer
+    from petald.stack import Stack
+
+    config = serve_config(args)
+    server: list[BlockServer] = []
+
+    async def on_started(stack: Stack, reachability: str, nursery: trio.Nursery) -> None:
+        server.append(BlockServer(config, stack, reachability))
+        await nursery.start(server[0].run)
+
+    async def on_drain() -> None:
+        if server:
+            await server[0].drain()
+
+    return daemon_main(p2p, on_started=on_started, on_drain=on_drain)

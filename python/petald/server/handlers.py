@@ -3,16 +3,17 @@
 
 - `/petald/info/1.0.0`: model, span, dtype, limits, version.
 - `/petald/forward/1.0.0`: hidden states (batch, seq, hidden) through blocks [start, end) of the
-  span (any sub-range), optional attention mask; answer: the output hidden states.
+  span (any sub-range), then optionally an attention mask (batch, seq) and, with header
+  `"positions": true`, position ids (batch, seq) last; answer: the output hidden states.
 - `/petald/backward/1.0.0`: the same inputs plus the gradient of the output; the server
   recomputes the forward (it keeps no activations between requests) and answers the gradient of
   the input hidden states. The blocks stay frozen.
 
 Every request is validated at the edge (block range inside the span, shapes, dtypes, sizes) and
 answered with `{"error": code, "message": ...}` instead of the tensors when it is bad, so a
-client learns what to fix and the server keeps serving. Torch work runs in a worker thread under
-one capacity limiter per device, so the trio loop keeps answering the DHT and gossip meanwhile.
-Entry point: `BlockHandlers(span, ...).register(host)`."""
+client learns what to fix and the server keeps serving. Torch work runs in the compute process
+(petald.server.executor), so this process's trio loop keeps answering the DHT, gossip and `info`
+meanwhile. Entry point: `BlockHandlers(executor, ...).register(host)` once the span is loaded."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from libp2p.custom_types import TProtocol
 
 from petald import __version__
 from petald.errors import CodecError, FrameError, MessageError
-from petald.server.blocks import Span
+from petald.server.executor import TRAINING, Executor
+from petald.server.memory import CacheBudget
 from petald.wire.messages import read_message, write_message
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ INFO_PROTOCOL = TProtocol("/petald/info/1.0.0")
 FORWARD_PROTOCOL = TProtocol("/petald/forward/1.0.0")
 BACKWARD_PROTOCOL = TProtocol("/petald/backward/1.0.0")
 CODECS = ("none", "zstd", "fp16", "bf16", "int8", "int8-256", "int8+zstd")
+# Position ids beyond this are no real model's (and would make rotary tables huge).
+MAX_POSITION = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -54,20 +58,67 @@ class BadRequest(Exception):
         self.code = code
 
 
+def check_extras(
+    header: dict[str, Any], extras: list[torch.Tensor], batch: int, mask_len: int, seq: int
+) -> dict[str, bool]:
+    """Validates the optional tensors after the required ones: an attention mask
+    (batch, mask_len) and, when `header["positions"]` is true, position ids (batch or 1, seq)
+    last. Returns the flags the compute process reads them by."""
+    positions = header.get("positions", False) is True
+    if len(extras) != int(positions) and len(extras) != int(positions) + 1:
+        raise BadRequest("bad_tensors", "after the hidden states: a mask?, then position ids?")
+    if positions:
+        pos = extras[-1]
+        if pos.dtype not in (torch.int32, torch.int64) or pos.dim() != 2:
+            raise BadRequest("bad_positions", "position ids must be an int (batch, seq) tensor")
+        if pos.shape[0] not in (1, batch) or pos.shape[1] != seq:
+            raise BadRequest("bad_positions", f"position ids must be ({batch}, {seq})")
+        if pos.numel() and not 0 <= int(pos.min()) <= int(pos.max()) < MAX_POSITION:
+            raise BadRequest("bad_positions", f"position ids must be in [0, {MAX_POSITION})")
+    has_mask = len(extras) > int(positions)
+    if has_mask and (extras[0].dim() != 2 or tuple(extras[0].shape) != (batch, mask_len)):
+        raise BadRequest("bad_mask", f"attention mask must be ({batch}, {mask_len})")
+    return {"mask": has_mask, "positions": positions}
+
+
 class BlockHandlers:
-    def __init__(self, span: Span, model: str, *, limits: Limits | None = None) -> None:
-        self.span = span
+    """Validates requests at the edge and hands them to the compute process. `state` is what
+    the server announces: joining (loading), online, draining (no new work; exiting or moving)."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        model: str,
+        budget: CacheBudget,
+        *,
+        limits: Limits | None = None,
+    ) -> None:
+        self.executor = executor
         self.model = model
+        self.budget = budget
         self.limits = limits or Limits()
-        # One device, one limiter: requests queue here instead of fighting over the device.
-        self.limiter = trio.CapacityLimiter(1)
+        self.state = "joining"
+        self.throughput = 0.0
+        self.active = 0  # requests and sessions in progress (draining waits for 0)
+        self._changed = trio.Event()
+
+    @property
+    def worker(self) -> dict[str, Any]:
+        return self.executor.info
 
     def info(self) -> dict[str, Any]:
+        w = self.worker
         return {
             "model": self.model,
-            "blocks": [self.span.blocks.start, self.span.blocks.end],
-            "hidden_size": int(self.span.config.hidden_size),
-            "dtype": str(self.span.dtype).removeprefix("torch."),
+            "blocks": list(self.executor.spec["blocks"]),
+            "n_blocks": w["n_blocks"],
+            "hidden_size": w["hidden_size"],
+            "dtype": w["dtype"],
+            "quant": w["quant"],
+            "state": self.state,
+            "throughput": self.throughput,
+            "cache_tokens_free": self.budget.free_tokens,
+            "queued": self.executor.queued(),
             "version": __version__,
             "codecs": list(CODECS),
             "limits": {"max_batch": self.limits.max_batch, "max_tokens": self.limits.max_tokens},
@@ -77,6 +128,27 @@ class BlockHandlers:
         host.set_stream_handler(INFO_PROTOCOL, self._on_info)
         host.set_stream_handler(FORWARD_PROTOCOL, self._on_forward)
         host.set_stream_handler(BACKWARD_PROTOCOL, self._on_backward)
+
+    # ---- draining ---------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self.active += 1
+
+    def end(self) -> None:
+        self.active -= 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuses new work from now on and waits up to `timeout` s for the work in progress.
+        True if everything finished."""
+        self.state = "draining"
+        with trio.move_on_after(timeout):
+            while self.active:
+                await self._changed.wait()
+        return self.active == 0
+
+    # ---- requests ---------------------------------------------------------------------------
 
     async def _on_info(self, stream: INetStream) -> None:
         with trio.move_on_after(self.limits.request_timeout):
@@ -88,29 +160,36 @@ class BlockHandlers:
                 log.debug("info request failed: %s", e)
                 await reset_stream(stream)
 
+    def check_blocks(self, header: dict[str, Any]) -> tuple[int, int]:
+        span_start, span_end = self.executor.spec["blocks"]
+        start, end = header.get("start", span_start), header.get("end", span_end)
+        ints = type(start) is int and type(end) is int
+        if not ints or not span_start <= start < end <= span_end:
+            served = f"{span_start}:{span_end}"
+            raise BadRequest("bad_blocks", f"blocks {start}:{end} are not within served {served}")
+        return start, end
+
+    def check_hidden(self, hidden: torch.Tensor) -> tuple[int, int]:
+        size = self.worker["hidden_size"]
+        if hidden.dim() != 3 or hidden.shape[-1] != size or 0 in hidden.shape:
+            raise BadRequest("bad_shape", f"hidden states must be (batch, seq, {size})")
+        if not hidden.dtype.is_floating_point:
+            raise BadRequest("bad_dtype", "hidden states must be a floating-point tensor")
+        return hidden.shape[0], hidden.shape[1]
+
     def _check(
         self, header: dict[str, Any], tensors: list[torch.Tensor], *, backward: bool = False
-    ) -> tuple:
-        span = self.span.blocks
-        start, end = header.get("start", span.start), header.get("end", span.end)
-        ints = type(start) is int and type(end) is int
-        if not ints or not span.start <= start < end <= span.end:
-            raise BadRequest("bad_blocks", f"blocks {start}:{end} are not within served {span}")
+    ) -> tuple[dict[str, Any], str]:
+        """The request for the compute process, and the reply codec."""
+        start, end = self.check_blocks(header)
         codec = header.get("codec", "none")
         if codec not in CODECS:
             raise BadRequest("bad_codec", f"codec must be one of {CODECS}")
-        grads = 1 if backward else 0
-        if len(tensors) not in (1 + grads, 2 + grads):
+        required = 2 if backward else 1
+        if not required <= len(tensors) <= required + 2:
             what = "hidden states, output gradient" if backward else "hidden states"
-            raise BadRequest("bad_tensors", f"send {what} and optionally an attention mask")
-        hidden = tensors[0]
-        if hidden.dim() != 3 or hidden.shape[-1] != self.span.config.hidden_size:
-            raise BadRequest(
-                "bad_shape", f"hidden states must be (batch, seq, {self.span.config.hidden_size})"
-            )
-        if not hidden.dtype.is_floating_point:
-            raise BadRequest("bad_dtype", "hidden states must be a floating-point tensor")
-        batch, seq = hidden.shape[0], hidden.shape[1]
+            raise BadRequest("bad_tensors", f"send {what}, then a mask?, then position ids?")
+        batch, seq = self.check_hidden(tensors[0])
         if not 0 < batch <= self.limits.max_batch or not 0 < batch * seq <= self.limits.max_tokens:
             raise BadRequest(
                 "too_large",
@@ -118,25 +197,12 @@ class BlockHandlers:
                 f"tokens <= {self.limits.max_tokens})",
             )
         if backward and (
-            tensors[1].shape != hidden.shape or not tensors[1].dtype.is_floating_point
+            tensors[1].shape != tensors[0].shape or not tensors[1].dtype.is_floating_point
         ):
             raise BadRequest("bad_grad", "the output gradient must have the hidden states' shape")
-        mask = tensors[1 + grads] if len(tensors) == 2 + grads else None
-        if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != (batch, seq)):
-            raise BadRequest("bad_mask", "attention mask must be (batch, seq)")
-        return hidden, mask, start, end, codec
-
-    def _run_forward(self, hidden, mask, start, end) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.span.forward(hidden, start_block=start, end_block=end, attention_mask=mask)
-        return out.to(hidden.dtype).cpu()
-
-    def _run_backward(self, hidden, grad, mask, start, end) -> torch.Tensor:
-        x = hidden.to(self.span.dtype).detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.span.forward(x, start_block=start, end_block=end, attention_mask=mask)
-            (grad_in,) = torch.autograd.grad(out, x, grad.to(out.dtype))
-        return grad_in.to(hidden.dtype).cpu()
+        flags = check_extras(header, tensors[required:], batch, seq, seq)
+        op = "backward" if backward else "forward"
+        return {"op": op, "start": start, "end": end, **flags}, codec
 
     async def _on_forward(self, stream: INetStream) -> None:
         await self._serve(stream, backward=False)
@@ -145,32 +211,39 @@ class BlockHandlers:
         await self._serve(stream, backward=True)
 
     async def _serve(self, stream: INetStream, *, backward: bool) -> None:
-        """One request: read and validate, compute off the loop, answer; errors are replies."""
-        with trio.move_on_after(self.limits.request_timeout):
+        """One request: read and validate, compute in the compute process, answer; errors are
+        replies."""
+        self.begin()
+        try:
+            with trio.move_on_after(self.limits.request_timeout):
+                await self._serve_one(stream, backward=backward)
+        finally:
+            self.end()
+
+    async def _serve_one(self, stream: INetStream, *, backward: bool) -> None:
+        try:
+            header, tensors = await read_message(stream)
             try:
-                header, tensors = await read_message(stream)
-                try:
-                    hidden, mask, start, end, codec = self._check(
-                        header, tensors, backward=backward
-                    )
-                except BadRequest as e:
-                    await write_message(stream, {"error": e.code, "message": str(e)})
-                    await stream.close()
-                    return
-                if backward:
-                    args = (self._run_backward, hidden, tensors[1], mask, start, end)
-                else:
-                    args = (self._run_forward, hidden, mask, start, end)
-                out = await trio.to_thread.run_sync(*args, limiter=self.limiter)
-                await write_message(stream, {"ok": True}, [out], codec=codec)
+                if self.state != "online":
+                    raise BadRequest(self.state, f"the server is {self.state}; use another")
+                request, codec = self._check(header, tensors, backward=backward)
+            except BadRequest as e:
+                await write_message(stream, {"error": e.code, "message": str(e)})
                 await stream.close()
-            except (MessageError, FrameError, CodecError) as e:
-                with contextlib.suppress(Exception):
-                    await write_message(stream, {"error": "malformed", "message": str(e)})
-                await reset_stream(stream)
-            except Exception as e:  # never let a peer's stream crash the daemon
-                log.warning("%s request failed: %s", "backward" if backward else "forward", e)
-                await reset_stream(stream)
+                return
+            reply, out = await self.executor.call(request, tensors, priority=TRAINING)
+            if "error" in reply:
+                await write_message(stream, reply)
+            else:
+                await write_message(stream, {"ok": True}, out, codec=codec)
+            await stream.close()
+        except (MessageError, FrameError, CodecError) as e:
+            with contextlib.suppress(Exception):
+                await write_message(stream, {"error": "malformed", "message": str(e)})
+            await reset_stream(stream)
+        except Exception as e:  # never let a peer's stream crash the daemon
+            log.warning("%s request failed: %s", "backward" if backward else "forward", e)
+            await reset_stream(stream)
 
 
 async def reset_stream(stream: INetStream) -> None:

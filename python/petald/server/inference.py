@@ -3,7 +3,8 @@ on the server between steps.
 
     client: {"max_length", "batch", "start", "end", "codec"}         open
     server: {"ok": true} | {"error": "busy", "retry_after", ...}
-    client: {"step": id, "position": p} + [hidden (batch, n, hidden), mask?]   repeated
+    client: {"step": id, "position": p, "positions"?} + [hidden (batch, n, hidden), mask?,
+            position_ids?]                                           repeated
     server: {"ok": true, "step": id, "position": p + n} + [output]
     client: {"close": true}                                          (or just end the stream)
 
@@ -14,6 +15,7 @@ Tokens are reserved from the `CacheBudget` on open and returned however the sess
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from typing import Any
@@ -23,8 +25,10 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 
-from petald.server.handlers import CODECS, BlockHandlers, reset_stream
-from petald.server.memory import MAX_SESSIONS_PER_PEER, SESSION_IDLE_TIMEOUT, Busy, CacheBudget
+from petald.errors import CodecError, FrameError, MessageError
+from petald.server.executor import INFERENCE
+from petald.server.handlers import CODECS, BadRequest, BlockHandlers, check_extras, reset_stream
+from petald.server.memory import MAX_SESSIONS_PER_PEER, SESSION_IDLE_TIMEOUT, Busy
 from petald.wire.messages import read_message, write_message
 
 log = logging.getLogger(__name__)
@@ -33,70 +37,105 @@ INFERENCE_PROTOCOL = TProtocol("/petald/inference/1.0.0")
 
 
 class InferenceSessions:
-    def __init__(self, blocks: BlockHandlers, budget: CacheBudget) -> None:
+    def __init__(self, blocks: BlockHandlers) -> None:
         self.blocks = blocks
-        self.span = blocks.span
-        self.budget = budget
+        self.executor = blocks.executor
+        self.budget = blocks.budget
         self._per_peer: Counter[Any] = Counter()
+        self._ids = itertools.count(1)
 
     def register(self, host: IHost) -> None:
         host.set_stream_handler(INFERENCE_PROTOCOL, self._on_session)
 
-    def _open(self, header: dict[str, Any]) -> tuple[int, int, int, int, str]:
-        span = self.span.blocks
-        start, end = header.get("start", span.start), header.get("end", span.end)
+    def _open(self, header: dict[str, Any]) -> dict[str, Any]:
+        """The compute process's `open` request for a valid session header."""
+        start, end = self.blocks.check_blocks(header)
         batch, max_length = header.get("batch"), header.get("max_length")
-        codec = header.get("codec", "none")
-        if not (type(start) is int and type(end) is int and span.start <= start < end <= span.end):
-            raise ValueError(f"bad_blocks: blocks {start}:{end} are not within served {span}")
         limits = self.blocks.limits
         if type(batch) is not int or not 0 < batch <= limits.max_batch:
-            raise ValueError(f"bad_batch: batch must be 1..{limits.max_batch}")
+            raise BadRequest("bad_batch", f"batch must be 1..{limits.max_batch}")
         if type(max_length) is not int or not 0 < max_length <= limits.max_tokens:
-            raise ValueError(f"bad_length: max_length must be 1..{limits.max_tokens}")
-        if codec not in CODECS:
-            raise ValueError(f"bad_codec: codec must be one of {CODECS}")
-        return start, end, batch, max_length, codec
+            raise BadRequest("bad_length", f"max_length must be 1..{limits.max_tokens}")
+        if header.get("codec", "none") not in CODECS:
+            raise BadRequest("bad_codec", f"codec must be one of {CODECS}")
+        if self.blocks.state != "online":
+            raise BadRequest(self.blocks.state, f"the server is {self.blocks.state}; use another")
+        return {"op": "open", "batch": batch, "max_length": max_length, "start": start, "end": end}
 
-    async def _reply_error(self, stream: INetStream, text: str, **extra: Any) -> None:
-        code, _, message = text.partition(": ")
-        await write_message(stream, {"error": code, "message": message or text, **extra})
+    async def _reply_error(self, stream: INetStream, code: str, message: str, **extra) -> None:
+        await write_message(stream, {"error": code, "message": message, **extra})
 
     async def _on_session(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
-        reserved = 0
+        reserved, sid = 0, next(self._ids)
+        self.blocks.begin()
         try:
-            with trio.move_on_after(SESSION_IDLE_TIMEOUT):
-                header, _ = await read_message(stream, max_tensor_bytes=0)
+            with trio.fail_after(SESSION_IDLE_TIMEOUT):
+                try:
+                    header, _ = await read_message(stream, max_tensor_bytes=0)
+                except (MessageError, FrameError, CodecError) as e:  # e.g. a step, not an open
+                    await self._reply_error(stream, "malformed", f"expected an open header: {e}")
+                    await stream.close()
+                    return
             try:
-                start, end, batch, max_length, codec = self._open(header)
+                request = self._open(header)
                 if self._per_peer[peer] >= MAX_SESSIONS_PER_PEER:
-                    raise ValueError(f"too_many_sessions: at most {MAX_SESSIONS_PER_PEER} per peer")
-                self.budget.reserve(batch * max_length)
+                    raise BadRequest(
+                        "too_many_sessions", f"at most {MAX_SESSIONS_PER_PEER} per peer"
+                    )
+                self.budget.reserve(request["batch"] * request["max_length"])
             except Busy as e:
-                await self._reply_error(stream, f"busy: {e}", retry_after=e.retry_after)
+                await self._reply_error(stream, "busy", str(e), retry_after=e.retry_after)
                 await stream.close()
                 return
-            except ValueError as e:
-                await self._reply_error(stream, str(e))
+            except BadRequest as e:
+                await self._reply_error(stream, e.code, str(e))
                 await stream.close()
                 return
-            reserved = batch * max_length
+            reserved = request["batch"] * request["max_length"]
             self._per_peer[peer] += 1
-            cache = self.span.new_cache(batch, max_length, start_block=start, end_block=end)
+            reply, _ = await self.executor.call({**request, "sid": sid}, priority=INFERENCE)
+            if "error" in reply:
+                await write_message(stream, reply)
+                await stream.close()
+                return
             await write_message(stream, {"ok": True, "free_tokens": self.budget.free_tokens})
-            await self._steps(stream, cache, codec)
+            await self._steps(stream, sid, request, header.get("codec", "none"))
         except Exception as e:  # a broken session must never take the daemon down
             log.debug("inference session from %s ended: %s", peer, e)
             await reset_stream(stream)
         finally:
             if reserved:
+                with trio.CancelScope(shield=True):
+                    await self.executor.call({"op": "close", "sid": sid}, priority=INFERENCE)
                 self.budget.release(reserved)
                 self._per_peer[peer] -= 1
                 if not self._per_peer[peer]:
                     del self._per_peer[peer]
+            self.blocks.end()
 
-    async def _steps(self, stream: INetStream, cache: Any, codec: str) -> None:
+    def _check_step(
+        self, header: dict[str, Any], tensors: list[torch.Tensor], session: dict[str, Any]
+    ) -> dict[str, Any]:
+        position = header.get("position", session["position"])
+        if type(position) is not int or not 0 <= position <= session["position"]:
+            raise BadRequest(
+                "bad_position", f"position must be 0..{session['position']} (the cached tokens)"
+            )
+        if not tensors:
+            raise BadRequest("bad_step", "send {step, position} + [hidden, mask?, positions?]")
+        batch, n = self.blocks.check_hidden(tensors[0])
+        if batch != session["batch"]:
+            raise BadRequest("bad_shape", f"the session is for a batch of {session['batch']}")
+        if position + n > session["max_length"]:
+            raise BadRequest(
+                "too_long", f"{position} + {n} tokens exceed max_length {session['max_length']}"
+            )
+        flags = check_extras(header, tensors[1:], batch, position + n, n)
+        return {"op": "step", "sid": session["sid"], "position": position, **flags}
+
+    async def _steps(self, stream: INetStream, sid: int, request: dict, codec: str) -> None:
+        session = {**request, "sid": sid, "position": 0}
         last: tuple[Any, int, torch.Tensor] | None = None  # (step id, position, output)
         while True:
             with trio.move_on_after(SESSION_IDLE_TIMEOUT) as idle:
@@ -104,33 +143,22 @@ class InferenceSessions:
             if idle.cancelled_caught or header.get("close"):
                 await stream.close()
                 return
-            step, position = header.get("step"), header.get("position", cache.position)
+            step, position = header.get("step"), header.get("position", session["position"])
             if last is not None and step == last[0] and position == last[1]:
-                await write_message(
-                    stream,
-                    {"ok": True, "step": step, "position": cache.position},
-                    [last[2]],
-                    codec=codec,
-                )
+                # A retransmission (the client lost our answer): answer again, apply nothing.
+                done = {"ok": True, "step": step, "position": session["position"]}
+                await write_message(stream, done, [last[2]], codec=codec)
                 continue
-            if type(position) is not int or not tensors or len(tensors) > 2:
-                await self._reply_error(stream, "bad_step: send {step, position} + [hidden, mask?]")
-                continue
-            hidden, mask = tensors[0], (tensors[1] if len(tensors) == 2 else None)
             try:
-                out = await trio.to_thread.run_sync(
-                    self._run_step, hidden, cache, position, mask, limiter=self.blocks.limiter
-                )
-            except ValueError as e:
-                await self._reply_error(stream, f"bad_step: {e}")
+                work = self._check_step(header, tensors, session)
+            except BadRequest as e:
+                await self._reply_error(stream, e.code, str(e))
                 continue
-            last = (step, position, out)
-            await write_message(
-                stream, {"ok": True, "step": step, "position": cache.position}, [out], codec=codec
-            )
-
-    def _run_step(self, hidden: torch.Tensor, cache: Any, position: int, mask: Any) -> torch.Tensor:
-        if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
-            raise ValueError("hidden states must be a floating-point (batch, n, hidden) tensor")
-        out = self.span.step(hidden, cache, position, attention_mask=mask)
-        return out.to(hidden.dtype).cpu()
+            reply, out = await self.executor.call(work, tensors, priority=INFERENCE)
+            if "error" in reply:
+                await write_message(stream, reply)
+                continue
+            session["position"] = reply["position"]
+            last = (step, position, out[0])
+            done = {"ok": True, "step": step, "position": session["position"]}
+            await write_message(stream, done, out, codec=codec)

@@ -10,6 +10,7 @@ layers, embeddings, the LM head — is ever read or allocated.
 from __future__ import annotations
 
 import copy
+import logging
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -36,7 +37,10 @@ from petald.server.checkpoint import (
     tensors_by_block,
 )
 from petald.server.families import Family, family_for
+from petald.server.quant import QuantStats, check_quant, quantize, require_kernels
 from petald.types import BlockRange
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,12 +57,16 @@ def load_span(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quant: str = "none",
 ) -> Span:
     """Load blocks [start, end) of the model at `source` (a HF model directory, a .gguf file or
     a Hub repo id) onto `device`. `dtype="auto"` keeps the checkpoint's dtype (float32 for GGUF,
-    which is dequantized)."""
+    which is dequantized). `quant` ("none", "int8" or "nf4", see `petald.server.quant`) stores
+    the blocks' Linear weights quantized, each block as soon as it is loaded; the rest of the
+    computation stays in `dtype`."""
     start, end = _bounds(blocks)
     wanted = _parse_dtype(dtype)
+    check_quant(quant)
     where = locate(source)
     directory = None
     if where.kind == "hub":  # the config and index first, to learn which shards hold the span
@@ -69,6 +77,7 @@ def load_span(
         raise ValueError(f"blocks {start}:{end} are out of range: the model has {total} blocks")
     torch_dtype = wanted or _auto_dtype(config, where)
     torch_device = torch.device(device)
+    require_kernels(quant, torch_device, torch_dtype)  # before reading gigabytes of weights
     meta = _meta_model(config, torch_dtype)
     family = family_for(meta, torch_device)
     pattern = block_key_pattern(family.layers_path, meta.base_model_prefix)
@@ -83,19 +92,41 @@ def load_span(
     convert = where.kind != "gguf"  # GGUF names are mapped straight to the model's own names
     layers = cast(nn.ModuleList, meta.get_submodule(family.layers_path))  # family_for checked
     served = []
+    quant_stats = QuantStats()
     try:
         bar = tqdm(range(start, end), desc=f"loading blocks {start}:{end}", disable=not progress)
         for i in bar:
             raw = reader.read_block(i)
             state = _converted(meta, raw) if convert else raw
             block = _materialize(layers[i], i, i - start, state, family, torch_dtype, torch_device)
+            if quant != "none":  # now, so that at most one block is ever held unquantized
+                quant_stats += quantize(block, quant)
             served.append(block)
             layers[i] = nn.Identity()  # the meta model keeps no reference to served weights
             bar.set_postfix(read=f"{stats.bytes_read / 2**20:.0f} MiB")
     finally:
         reader.close()
+    if quant != "none":
+        _log_quant(quant, start, end, quant_stats)
     span_blocks = nn.ModuleList(served)
-    return Span(family, BlockRange(start, end), span_blocks, torch_dtype, torch_device, stats)
+    span_range = BlockRange(start, end)
+    return Span(family, span_range, span_blocks, torch_dtype, torch_device, stats, quant)
+
+
+def _log_quant(quant: str, start: int, end: int, s: QuantStats) -> None:
+    mib_before, mib_after = s.bytes_before / 2**20, s.bytes_after / 2**20
+    log.info(
+        "blocks %d:%d in %s: %d Linear layers quantized, parameters and buffers "
+        "%.1f MiB -> %.1f MiB; "
+        "%d parameters stay unquantized (norms, routers, fused MoE experts)",
+        start,
+        end,
+        quant,
+        s.replaced,
+        mib_before,
+        mib_after,
+        s.kept_params,
+    )
 
 
 def _bounds(blocks: BlockRange | range | tuple[int, int]) -> tuple[int, int]:
@@ -120,6 +151,13 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+
+
+def read_config(source: str | Path) -> PretrainedConfig:
+    """The model's config alone (e.g. to learn its number of blocks before choosing a span)."""
+    where = locate(source)
+    directory = hub_snapshot(where.repo_id, [CONFIG_NAME]) if where.kind == "hub" else None
+    return _config(where, directory)
 
 
 def _config(where: Located, hub_dir: Path | None) -> PretrainedConfig:

@@ -47,12 +47,6 @@ class CacheBudget:
         self.used_tokens = max(0, self.used_tokens - tokens)
 
 
-def bytes_per_token(n_blocks: int, hidden_size: int, kv_fraction: float, dtype: torch.dtype) -> int:
-    """KV bytes one token costs across the span: keys and values per block."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, int(2 * n_blocks * hidden_size * kv_fraction * itemsize))
-
-
 def default_budget(per_token: int, device: torch.device) -> int:
     """Tokens that fit in a quarter of the free memory of `device` (host RAM for CPU): the rest
     stays for weights, activations and the system."""

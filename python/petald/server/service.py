@@ -1,0 +1,200 @@
+"""`BlockServer`: what `petald serve` runs once its daemon has joined the swarm. It chooses the
+span (`--blocks`, or the least-served `--num-blocks N` from the swarm's announcements), announces
+it as joining, starts the compute process that loads it, measures (or reads the cached)
+throughput, registers the block RPCs and announces online. With `--num-blocks` it re-checks the
+swarm's balance every `rebalance_period` and moves — after draining its sessions — when another
+place helps the swarm clearly more (petald.server.placement). `drain()` is the SIGTERM path:
+announce draining, refuse new work, let active work finish or time out.
+
+Entry point: `await nursery.start(BlockServer(config, stack, reachability).run)`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from petald import __version__
+from petald.server import throughput
+from petald.server.executor import TRAINING, Executor
+from petald.server.handlers import BlockHandlers, Limits
+from petald.server.inference import InferenceSessions
+from petald.server.memory import CacheBudget, default_budget
+from petald.server.placement import choose_span, should_move
+from petald.stack import Stack
+from petald.types import BlockRange, ServerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    source: str
+    model: str  # the name announced
+    blocks: BlockRange | None = None  # None: choose `num_blocks` from the swarm
+    num_blocks: int | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    quant: str = "none"
+    cache_tokens: int | None = None
+    throughput: str = "auto"  # auto (cached or measured), eval (measure again), or tokens/s
+    drain_timeout: float = 60.0
+    rebalance_period: float = 600.0
+    public_name: str = ""
+
+
+class BlockServer:
+    def __init__(self, config: ServeConfig, stack: Stack, reachability: str) -> None:
+        self.config = config
+        self.stack = stack
+        self.reachability = reachability
+        self.handlers: BlockHandlers | None = None
+        self._moves = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serves until cancelled; `started()` once online."""
+        span = self.config.blocks or await self._choose()
+        while True:
+            async with trio.open_nursery() as nursery:
+                await self._start_span(nursery, span)
+                if self._moves == 0:
+                    task_status.started()
+                span_next = await self._rebalance_loop(span)
+                nursery.cancel_scope.cancel()  # stops the compute process of the old span
+            log.info("moving from blocks %s to %s", span, span_next)
+            span, self._moves = span_next, self._moves + 1
+
+    async def drain(self) -> None:
+        """Announce draining, refuse new work, wait for the active work (bounded)."""
+        if self.handlers is None:
+            return
+        h = self.handlers
+        self._announce(h, "draining")
+        done = await h.drain(self.config.drain_timeout)
+        log.info("drained (%s)", "all work finished" if done else f"{h.active} still active")
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    async def _choose(self) -> BlockRange:
+        from petald.server.loading import read_config  # transformers: only when choosing
+
+        config = await trio.to_thread.run_sync(read_config, self.config.source)
+        n_blocks = int(config.num_hidden_layers)
+        want = self.config.num_blocks or n_blocks
+        if not 1 <= want <= n_blocks:
+            raise ValueError(f"--num-blocks must be 1..{n_blocks} for this model")
+        coverage = await self._coverage(n_blocks, exclude_self=False)
+        span = choose_span(coverage, want)
+        log.info("the swarm serves blocks %s least: taking them", span)
+        return span
+
+    async def _coverage(self, n_blocks: int, *, exclude_self: bool) -> list[float]:
+        announcer = self.stack.announcer
+        assert announcer is not None
+        with trio.move_on_after(10):  # the DHT answers late joiners; gossip fills in later
+            await announcer.refresh_from_dht(self.config.model)
+        me = self.stack.host.host.get_id().to_base58()
+        cover = [0.0] * n_blocks
+        for e in announcer.view.servers(self.config.model, now=time.time()):
+            if e.info.state != "online" or (exclude_self and e.peer_id == me):
+                continue
+            for b in range(e.info.blocks.start, min(e.info.blocks.end, n_blocks)):
+                cover[b] += max(e.info.throughput, 1e-9)  # unmeasured servers still count
+        return cover
+
+    async def _start_span(self, nursery: trio.Nursery, span: BlockRange) -> None:
+        c = self.config
+        spec = {"source": c.source, "blocks": [span.start, span.end], "dtype": c.dtype}
+        spec |= {"device": c.device, "quant": c.quant}
+        executor = Executor(spec)
+        self._announce_joining(span)
+        t0 = trio.current_time()
+        worker = await nursery.start(executor.run)
+        log.info(
+            "loaded blocks %s in %.1f s: %.0f MiB of weights",
+            span,
+            trio.current_time() - t0,
+            worker["weight_bytes"] / 2**20,
+        )
+        budget = CacheBudget(c.cache_tokens or self._default_budget(worker))
+        handlers = BlockHandlers(executor, c.model, budget, limits=Limits())
+        handlers.throughput = await self._throughput(executor, worker)
+        sessions = InferenceSessions(handlers)
+        host = self.stack.host.host
+        handlers.register(host)
+        sessions.register(host)
+        handlers.state = "online"
+        self.handlers = handlers
+        self._announce(handlers, "online")
+        log.info("online: %s blocks %s, %.0f tokens/s", c.model, span, handlers.throughput)
+
+    @staticmethod
+    def _default_budget(worker: dict) -> int:
+        import torch
+
+        return default_budget(worker["kv_bytes_per_token"], torch.device(worker["device"]))
+
+    async def _throughput(self, executor: Executor, worker: dict) -> float:
+        mode = self.config.throughput
+        if mode not in ("auto", "eval"):
+            return float(mode)
+        key = throughput.cache_key(self.config.model, worker)
+        cached = throughput.load_cached(key) if mode == "auto" else None
+        if cached is not None:
+            return cached
+        reply, _ = await executor.call(
+            {"op": "measure", "tokens": throughput.TOKENS}, priority=TRAINING
+        )
+        value = float(reply["tokens_per_s"])
+        throughput.store(key, value)
+        return value
+
+    # ---- announcing and balance -----------------------------------------------------------
+
+    def _info(self, span: BlockRange, state: str, n_blocks: int = 0, **kw: object) -> ServerInfo:
+        return ServerInfo(
+            model=self.config.model,
+            blocks=span,
+            n_blocks=n_blocks,
+            state=state,  # type: ignore[arg-type]
+            relayed=self.reachability == "private",
+            public_name=self.config.public_name,
+            addrs=tuple(self.stack.host.addrs()[:8]),
+            version=__version__,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def _announce_joining(self, span: BlockRange) -> None:
+        assert self.stack.announcer is not None
+        self.stack.announcer.announce(self._info(span, "joining"))
+
+    def _announce(self, h: BlockHandlers, state: str) -> None:
+        w = h.worker
+        info = self._info(
+            BlockRange(*w["blocks"]),
+            state,
+            w["n_blocks"],
+            throughput=h.throughput,
+            cache_tokens_free=h.budget.free_tokens,
+            dtype=w["dtype"],
+            quant=w["quant"],
+        )
+        assert self.stack.announcer is not None
+        self.stack.announcer.announce(info)
+
+    async def _rebalance_loop(self, span: BlockRange) -> BlockRange:
+        """Returns the span to move to (only with --num-blocks); otherwise runs forever."""
+        if self.config.blocks is not None or self.config.rebalance_period <= 0:
+            await trio.sleep_forever()
+        h = self.handlers
+        assert h is not None
+        while True:
+            await trio.sleep(self.config.rebalance_period)
+            others = await self._coverage(h.worker["n_blocks"], exclude_self=True)
+            target = should_move(others, span, max(h.throughput, 1e-9))
+            if target is not None:
+                self._announce(h, "draining")
+                await h.drain(self.config.drain_timeout)
+                return target

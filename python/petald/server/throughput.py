@@ -1,0 +1,58 @@
+"""The span's compute throughput, announced so clients and other servers can plan: measured by
+the compute process at start (a forward of `TOKENS` tokens, best of three after a warm-up) and
+cached per model, number of blocks, device, dtype, quantization and versions, so that restarts
+do not pay for it again. The cache is a small JSON file in `cache_dir()`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from petald import __version__
+
+log = logging.getLogger(__name__)
+
+TOKENS = 128
+
+
+def cache_dir() -> Path:
+    """$PETALD_CACHE_DIR, else $XDG_CACHE_HOME/petald, else ~/.cache/petald."""
+    if os.environ.get("PETALD_CACHE_DIR"):
+        return Path(os.environ["PETALD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "petald"
+
+
+def cache_key(model: str, worker: dict) -> str:
+    n = worker["blocks"][1] - worker["blocks"][0]
+    parts = [model, f"{n} blocks", worker["device"], worker["dtype"], worker["quant"]]
+    return "|".join([*parts, f"torch {torch.__version__}", f"petald {__version__}"])
+
+
+def load_cached(key: str) -> float | None:
+    try:
+        value = json.loads((cache_dir() / "throughput.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def store(key: str, tokens_per_s: float) -> None:
+    path = cache_dir() / "throughput.json"
+    try:
+        try:
+            table = json.loads(path.read_text())
+            table = table if isinstance(table, dict) else {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = tokens_per_s
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: two servers starting together never see half a file
+    except OSError as e:  # a read-only home must not stop a server
+        log.warning("could not cache the throughput in %s: %s", path, e)

@@ -1,0 +1,216 @@
+"""The compute process of `petald serve`: it loads the span and runs every forward, backward and
+inference step, while the daemon process next to it keeps the network. Why two processes: the
+transformers layers are many small Python calls that hold the GIL, and a trio loop sharing the
+process with them answers a 16 KiB round trip in 4 to 22 ms instead of 1 ms (shared/notes). Here the
+loop never waits for the GIL of a layer.
+
+The daemon (petald.server.executor) starts `python -m petald.server.worker FD SPEC` with one end
+of a socket pair as FD and a JSON spec (source, blocks, dtype, device, quant). Messages are the
+same CBOR header + tensor frames as on the network (petald.wire.messages), one request at a time:
+
+    worker: {"ok": true, "n_blocks", "hidden_size", ...}  once loaded (or {"error": ...})
+    daemon: {"op": "forward"|"backward", "start", "end", "mask", "positions"} + tensors
+    daemon: {"op": "open", "sid", "batch", "max_length", "start", "end"}
+    daemon: {"op": "step", "sid", "position", "mask", "positions"} + tensors
+    daemon: {"op": "close", "sid"} | {"op": "measure", "tokens"} | {"op": "memory"}
+
+The daemon validated every request at the edge; a request the span still refuses (ValueError)
+gets {"error": "bad_input"}, and the worker keeps going."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import resource
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import torch
+import trio
+
+from petald.errors import MessageError
+from petald.server.blocks import Span, SpanCache
+from petald.server.ipc import TrioByteStream
+from petald.server.loading import load_span
+from petald.types import BlockRange
+from petald.wire.messages import read_message, write_message
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[dict[str, Any], list[torch.Tensor]]
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Compute:
+    """The span and its inference caches, by session id."""
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+        self.caches: dict[int, SpanCache] = {}
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.span.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        itemsize = torch.empty((), dtype=self.span.dtype).element_size()
+        weights = sum(t.numel() * t.element_size() for t in self.span.state_dict().values())
+        return {
+            "blocks": [self.span.blocks.start, self.span.blocks.end],
+            "n_blocks": int(cfg.num_hidden_layers),
+            "hidden_size": int(cfg.hidden_size),
+            "dtype": str(self.span.dtype).removeprefix("torch."),
+            "quant": getattr(self.span, "quant", "none"),
+            "device": str(self.span.device),
+            "weight_bytes": weights,
+            # Keys and values of every block of the span, for one token.
+            "kv_bytes_per_token": 2 * len(self.span.blocks) * kv_heads * head_dim * itemsize,
+            "peak_rss": peak_rss_bytes(),
+        }
+
+    def handle(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> Reply:
+        op = header.get("op")
+        try:
+            if op == "forward":
+                return self._forward(header, tensors)
+            if op == "backward":
+                return self._backward(header, tensors)
+            if op == "open":
+                return self._open(header)
+            if op == "step":
+                return self._step(header, tensors)
+            if op == "close":
+                self.caches.pop(header["sid"], None)
+                return {"ok": True}, []
+            if op == "measure":
+                return {"ok": True, "tokens_per_s": self.measure(header.get("tokens", 128))}, []
+            if op == "memory":
+                return {"ok": True, "peak_rss": peak_rss_bytes()}, []
+            return {"error": "bad_op", "message": f"unknown op {op!r}"}, []
+        except ValueError as e:
+            return {"error": "bad_input", "message": str(e)}, []
+
+    def _extras(self, header: dict[str, Any], tensors: list[torch.Tensor], first: int) -> tuple:
+        """(mask, position_ids) after the first `first` tensors, as flagged in the header."""
+        rest = tensors[first:]
+        positions = rest.pop() if header.get("positions") else None
+        mask = rest.pop() if header.get("mask") else None
+        return mask, positions
+
+    def _forward(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> Reply:
+        mask, positions = self._extras(header, tensors, 1)
+        hidden = tensors[0]
+        with torch.inference_mode():
+            out = self.span.forward(
+                hidden,
+                start_block=header["start"],
+                end_block=header["end"],
+                attention_mask=mask,
+                position_ids=positions,
+            )
+        return {"ok": True}, [out.to(hidden.dtype).cpu()]
+
+    def _backward(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> Reply:
+        mask, positions = self._extras(header, tensors, 2)
+        hidden, grad = tensors[0], tensors[1]
+        x = hidden.to(self.span.dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.span.forward(
+                x,
+                start_block=header["start"],
+                end_block=header["end"],
+                attention_mask=mask,
+                position_ids=positions,
+            )
+            (grad_in,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+        return {"ok": True}, [grad_in.to(hidden.dtype).cpu()]
+
+    def _open(self, header: dict[str, Any]) -> Reply:
+        cache = self.span.new_cache(
+            header["batch"],
+            header["max_length"],
+            start_block=header["start"],
+            end_block=header["end"],
+        )
+        self.caches[header["sid"]] = cache
+        return {"ok": True}, []
+
+    def _step(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> Reply:
+        cache = self.caches.get(header["sid"])
+        if cache is None:
+            raise ValueError("unknown session")
+        mask, positions = self._extras(header, tensors, 1)
+        hidden = tensors[0]
+        out = self.span.step(
+            hidden, cache, header["position"], attention_mask=mask, position_ids=positions
+        )
+        return {"ok": True, "position": cache.position}, [out.to(hidden.dtype).cpu()]
+
+    def measure(self, tokens: int, repeats: int = 3) -> float:
+        """Tokens/s of a forward of `tokens` tokens through the whole span: best of `repeats`
+        after a warm-up, so a cold start (allocations, kernel choice) does not count."""
+        tokens = max(1, min(int(tokens), 4096))
+        x = torch.randn(1, tokens, self.span.config.hidden_size)
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                self.span.forward(x)
+                if self.span.device.type == "cuda":
+                    torch.cuda.synchronize(self.span.device)
+                best = min(best, time.perf_counter() - t0)
+        return tokens / best
+
+
+def _die_with_parent() -> None:
+    """If the daemon dies (even by SIGKILL), the kernel kills us too: no orphan holding the
+    weights, and no orphan a test could leave behind."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
+    stream = TrioByteStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    try:
+        span = load_span(
+            spec["source"],
+            BlockRange(*spec["blocks"]),
+            dtype=spec.get("dtype", "auto"),
+            device=spec.get("device", "cpu"),
+            **({"quant": spec["quant"]} if spec.get("quant", "none") != "none" else {}),
+            progress=spec.get("progress", True),
+        )
+    except Exception as e:  # the daemon prints it and exits with a clear message
+        await write_message(stream, {"error": type(e).__name__, "message": str(e)})
+        return
+    compute = Compute(span)
+    await write_message(stream, {"ok": True, **compute.describe()})
+    while True:
+        try:
+            header, tensors = await read_message(stream)
+        except MessageError:  # the daemon closed its end: we are done
+            return
+        reply, out = compute.handle(header, tensors)
+        await write_message(stream, reply, out)
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    # Ctrl-C in a terminal reaches the whole process group: the daemon decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s")
+    fd, spec = int(argv[0]), json.loads(argv[1])
+    trio.run(serve, socket.socket(fileno=fd), spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
