@@ -5,23 +5,18 @@ layers, refuses bad requests with error replies while it keeps serving, and anno
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 import torch
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.peer.id import ID
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from petald.dht.node import DhtConfig
-from petald.p2p.config import P2PConfig
 from petald.server.handlers import FORWARD_PROTOCOL, INFO_PROTOCOL
-from petald.stack import start_stack
 from petald.testing import DaemonProcess, petald_json, start_daemon, stop_all
-from petald.wire.messages import read_message, write_message
+from petald.testing.rpc import RawSession, rpc_call, rpc_client
+from petald.wire.messages import write_message
 
 pytestmark = pytest.mark.slow
 
@@ -69,34 +64,8 @@ def served(tiny_llama, tmp_path_factory) -> list[DaemonProcess]:
     stop_all([server, boot])
 
 
-@asynccontextmanager
-async def client(server: DaemonProcess) -> AsyncIterator[Callable]:
-    """A DHT-client peer joined through `server`; yields `open(protocol)` -> a new stream."""
-    config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=(server.addr,))
-    async with trio.open_nursery() as nursery:
-        stack = await start_stack(
-            nursery,
-            create_new_key_pair(),
-            config,
-            dht_config=DhtConfig(client_mode=True),
-            announcements=False,
-        )
-
-        async def open_stream(protocol):
-            return await stack.host.host.new_stream(ID.from_base58(server.peer_id), [protocol])
-
-        yield open_stream
-        nursery.cancel_scope.cancel()
-
-
 async def call(server: DaemonProcess, protocol, header: dict, tensors=()):
-    async with client(server) as open_stream:
-        stream = await open_stream(protocol)
-        await write_message(stream, header, list(tensors))
-        with trio.fail_after(60):
-            answer = await read_message(stream)
-        await stream.reset()
-    return answer
+    return await rpc_call(server, protocol, header, tensors)
 
 
 async def test_forward_matches_local_layers_on_any_sub_range(served, tiny_llama) -> None:
@@ -176,26 +145,13 @@ async def test_backward_matches_local_autograd(served, tiny_llama) -> None:
     assert bad["error"] == "bad_grad"
 
 
-class Session:
-    """A client side of /petald/inference/1.0.0 on one stream (the client issue builds the real
-    one; this drives the protocol directly)."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-
-    async def send(self, header: dict, tensors=()):
-        await write_message(self.stream, header, list(tensors))
-        with trio.fail_after(60):
-            return await read_message(self.stream)
-
-
 async def with_sessions(server: DaemonProcess, body) -> None:
     from petald.server.inference import INFERENCE_PROTOCOL
 
-    async with client(server) as open_stream:
+    async with rpc_client(server) as open_stream:
 
-        async def open_session() -> Session:
-            return Session(await open_stream(INFERENCE_PROTOCOL))
+        async def open_session() -> RawSession:
+            return RawSession(await open_stream(INFERENCE_PROTOCOL))
 
         await body(open_session)
 
@@ -252,10 +208,8 @@ async def test_inference_session_steps_rollback_retransmit_and_budget(served, ti
         stray = await open_session()
         await stray.stream.write(b"\x05garbage-that-is-no-message")
         with trio.fail_after(30):  # an error reply or a reset, never a hang
-            try:
+            with suppress(Exception):
                 await stray.stream.read(65536)
-            except Exception:
-                pass
         unopened = await open_session()
         refused, _ = await unopened.send({"step": 0, "position": 0}, [hs[1][:, :1]])
         assert refused["error"] == "malformed"

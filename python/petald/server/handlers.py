@@ -119,6 +119,12 @@ class BlockHandlers:
             "throughput": self.throughput,
             "cache_tokens_free": self.budget.free_tokens,
             "queued": self.executor.queued(),
+            # Of the compute process when the span was loaded: what serving these blocks costs.
+            "memory": {
+                "weight_bytes": w["weight_bytes"],
+                "baseline_rss": w["baseline_rss"],
+                "loaded_peak_rss": w["peak_rss"],
+            },
             "version": __version__,
             "codecs": list(CODECS),
             "limits": {"max_batch": self.limits.max_batch, "max_tokens": self.limits.max_tokens},

@@ -179,6 +179,7 @@ def _die_with_parent() -> None:
 
 async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
     stream = TrioByteStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    baseline = peak_rss_bytes()  # python, torch and transformers, before any weight
     try:
         span = load_span(
             spec["source"],
@@ -192,7 +193,7 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
         await write_message(stream, {"error": type(e).__name__, "message": str(e)})
         return
     compute = Compute(span)
-    await write_message(stream, {"ok": True, **compute.describe()})
+    await write_message(stream, {"ok": True, "baseline_rss": baseline, **compute.describe()})
     while True:
         try:
             header, tensors = await read_message(stream)
