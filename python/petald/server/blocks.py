@@ -59,6 +59,7 @@ class Span(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         load_stats: LoadStats,
+        quant: str = "none",
     ) -> None:
         super().__init__()
         self.family = family
@@ -68,6 +69,7 @@ class Span(nn.Module):
         self.dtype = dtype
         self.device = device
         self.load_stats = load_stats
+        self.quant = quant  # how the layers' Linear weights are stored: petald.server.quant
 
     def forward(
         self,
