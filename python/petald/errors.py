@@ -6,6 +6,7 @@ defined here (it imports them by name), so there is one tree, not two."""
 from __future__ import annotations
 
 __all__ = [
+    "BadReply",
     "CodecError",
     "FrameError",
     "HubUnreachable",
@@ -38,7 +39,12 @@ class CodecError(WireError, ValueError):
 
 
 class RoutingError(PetaldError):
-    """No route through the swarm could be found or kept."""
+    """No route through the swarm could be found or kept. `missing` lists the block ranges
+    (start, end) nobody usable serves, when that is the reason."""
+
+    def __init__(self, message: str, *, missing: tuple[tuple[int, int], ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 class RoutingTableError(RoutingError, ValueError):
@@ -51,17 +57,60 @@ class HubUnreachable(PetaldError, ConnectionError):
 
 
 class PeerUnavailable(PetaldError):
-    """A peer could not be reached or stopped answering."""
+    """A peer could not be reached or stopped answering. `peer` is its id when known."""
+
+    def __init__(self, message: str = "", *, peer: str = "") -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+# Error codes a block server answers when the request itself is wrong (shapes, dtypes, limits,
+# positions): asking another server would get the same answer, so clients raise them to the
+# caller instead of failing over. Every other code (busy, draining, internal) is the server's.
+BAD_INPUT_CODES = frozenset(
+    {
+        "bad_shape",
+        "bad_dtype",
+        "bad_mask",
+        "bad_grad",
+        "bad_tensors",
+        "bad_positions",
+        "bad_codec",
+        "bad_batch",
+        "bad_length",
+        "bad_step",
+        "bad_input",
+        "too_large",
+        "malformed",
+    }
+)
 
 
 class RemoteError(PetaldError):
-    """A peer answered with an error."""
+    """A peer answered with an error. `retry_after` (seconds) comes with "busy"."""
 
-    def __init__(self, peer: str, code: str, message: str = "") -> None:
+    def __init__(
+        self, peer: str, code: str, message: str = "", *, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{peer}: {code}" + (f": {message}" if message else ""))
         self.peer = peer
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def is_bad_input(self) -> bool:
+        """The request was wrong, not the server: another server would refuse it too."""
+        return self.code in BAD_INPUT_CODES
+
+
+class BadReply(WireError):
+    """A peer's answer does not parse or does not fit the request (shape, dtype, step): the
+    peer is broken or hostile, and clients treat it like a failed server."""
+
+    def __init__(self, peer: str, message: str) -> None:
+        super().__init__(f"{peer}: bad reply: {message}")
+        self.peer = peer
 
 
 class SessionClosed(PetaldError):

@@ -1,6 +1,7 @@
 """Imports point one way (shared/STYLE.md §1): types/errors <- wire <- p2p <- dht <- {server,
-client} <- models <- stack/daemon <- cli. A module may import its own layer and lower ones;
-`client` never imports `server` and vice versa. Checked on the source with `ast`, so a new
+client} <- models <- daemon <- cli; `stack` sits with dht (it only assembles p2p and dht
+services, and servers and clients both start one). A module may import its own layer and lower
+ones; `client` never imports `server` and vice versa. Checked on the source with `ast`, so a new
 upward import fails here before it becomes a cycle."""
 
 import ast
@@ -19,7 +20,7 @@ LAYERS = {
     "server": 4,
     "client": 4,
     "models": 5,
-    "stack": 6,
+    "stack": 3,  # assembles p2p and dht services; servers and clients both start one
     "daemon": 6,
     "cli": 7,
     "testing": 7,

@@ -1,0 +1,254 @@
+"""Async client side of the block RPCs (petald.wire.messages on libp2p streams): `call_info`,
+`call_forward`, `call_backward` (one request per stream, as the server closes it after the
+answer) and `InferenceStream`, one long-lived stream per inference session and server.
+
+Every call runs under `trio.fail_after` and turns every way it can fail into one of three
+errors: `PeerUnavailable` (cannot reach, stream broke, timeout), `RemoteError` (the server
+answered an error; `is_bad_input` says whether it was our request's fault) and `BadReply` (an
+answer that does not parse or does not fit: wrong shape, dtype, step). Replies are untrusted:
+tensors are checked against what was asked before anyone uses them. Opening streams is the
+caller's business (`StreamOpener`, given by the `SwarmClient`), so this module needs no host."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import torch
+import trio
+from libp2p.custom_types import TProtocol
+
+from petald.errors import BadReply, PeerUnavailable, PetaldError, RemoteError, WireError
+from petald.types import BlockRange
+from petald.wire.messages import read_message, write_message
+
+# The same strings as petald.server.handlers/inference (client/ must not import server/).
+INFO_PROTOCOL = TProtocol("/petald/info/1.0.0")
+FORWARD_PROTOCOL = TProtocol("/petald/forward/1.0.0")
+BACKWARD_PROTOCOL = TProtocol("/petald/backward/1.0.0")
+INFERENCE_PROTOCOL = TProtocol("/petald/inference/1.0.0")
+
+# (peer_id, protocol) -> a new stream to that peer; raises PeerUnavailable.
+StreamOpener = Callable[[str, TProtocol], Awaitable[Any]]
+
+
+def _check_reply(peer: str, header: dict[str, Any], *, ok: bool = True) -> None:
+    """Raises the error a reply carries; `ok`: the reply must say {"ok": true} otherwise (the
+    `info` answer is a bare map)."""
+    if "error" in header:
+        retry = header.get("retry_after")
+        raise RemoteError(
+            peer,
+            str(header["error"])[:64],
+            str(header.get("message", ""))[:500],
+            retry_after=float(retry) if type(retry) in (int, float) else None,
+        )
+    if ok and header.get("ok") is not True:
+        raise BadReply(peer, "neither ok nor error")
+
+
+def _check_tensor(peer: str, out: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The one tensor of an answer, which must have `like`'s shape and a float dtype; returned
+    in `like`'s dtype (a lossy codec may answer in another float type)."""
+    if len(out) != 1:
+        raise BadReply(peer, f"{len(out)} tensors instead of 1")
+    t = out[0]
+    if tuple(t.shape) != tuple(like.shape) or not t.dtype.is_floating_point:
+        raise BadReply(peer, f"answer {t.dtype} {tuple(t.shape)}, asked {tuple(like.shape)}")
+    return t.to(like.dtype)
+
+
+def _extras(
+    tensors: list[torch.Tensor], mask: torch.Tensor | None, positions: torch.Tensor | None
+) -> dict[str, Any]:
+    """Appends the optional tensors in wire order (mask, then position ids last, flagged in the
+    header); returns the header keys that announce them."""
+    if mask is not None:
+        tensors.append(mask)
+    if positions is not None:
+        tensors.append(positions.to(torch.int64))
+        return {"positions": True}
+    return {}
+
+
+async def exchange(
+    stream: Any,
+    peer: str,
+    header: dict[str, Any],
+    tensors: Sequence[torch.Tensor],
+    *,
+    timeout: float,
+    codec: str = "none",
+    ok: bool = True,
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Writes one message and reads the answer; error replies raise `RemoteError`. Not
+    cancel-safe for the stream: after a timeout or cancellation it must be reset."""
+    try:
+        with trio.fail_after(timeout):
+            await write_message(stream, header, tensors, codec=codec)
+            reply, out = await read_message(stream)
+    except trio.TooSlowError:
+        raise PeerUnavailable(f"{peer}: no answer within {timeout:.1f} s", peer=peer) from None
+    except WireError as e:  # garbage, or a stream that ended mid-message
+        raise BadReply(peer, str(e)) from None
+    except PetaldError:
+        raise
+    except Exception as e:  # py-libp2p reports a broken stream in many types
+        raise PeerUnavailable(f"{peer}: {type(e).__name__}: {e}", peer=peer) from None
+    _check_reply(peer, reply, ok=ok)
+    return reply, out
+
+
+async def close_stream(stream: Any, *, reset: bool = False) -> None:
+    """Closes (or resets) without raising: the stream may already be gone with its peer.
+    Shielded, so that a cancelled caller still releases the stream (the server's session and
+    its cache tokens end with it)."""
+    with trio.move_on_after(1.0) as scope, contextlib.suppress(Exception):
+        scope.shield = True
+        await (stream.reset() if reset else stream.close())
+
+
+async def _one_shot(
+    opener: StreamOpener,
+    peer: str,
+    protocol: TProtocol,
+    header: dict[str, Any],
+    tensors: list[torch.Tensor],
+    *,
+    timeout: float,
+    ok: bool = True,
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    stream = await opener(peer, protocol)
+    done = False
+    try:
+        answer = await exchange(stream, peer, header, tensors, timeout=timeout, ok=ok)
+        done = True
+        return answer
+    finally:
+        await close_stream(stream, reset=not done)
+
+
+async def call_info(opener: StreamOpener, peer: str, *, timeout: float) -> dict[str, Any]:
+    header, _ = await _one_shot(opener, peer, INFO_PROTOCOL, {}, [], timeout=timeout, ok=False)
+    if not isinstance(header.get("model"), str):
+        raise BadReply(peer, "info names no model")
+    return header
+
+
+async def call_forward(
+    opener: StreamOpener,
+    peer: str,
+    blocks: BlockRange,
+    hidden: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    timeout: float,
+) -> torch.Tensor:
+    """`hidden` (batch, seq, hidden) through `blocks` on `peer`; same shape out."""
+    tensors = [hidden]
+    header = {"start": blocks.start, "end": blocks.end, **_extras(tensors, mask, positions)}
+    _, out = await _one_shot(opener, peer, FORWARD_PROTOCOL, header, tensors, timeout=timeout)
+    return _check_tensor(peer, out, hidden)
+
+
+async def call_backward(
+    opener: StreamOpener,
+    peer: str,
+    blocks: BlockRange,
+    hidden: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    timeout: float,
+) -> torch.Tensor:
+    """The gradient of `blocks`' input, given its input `hidden` and its output's gradient."""
+    tensors = [hidden, grad_out]
+    header = {"start": blocks.start, "end": blocks.end, **_extras(tensors, mask, positions)}
+    _, out = await _one_shot(opener, peer, BACKWARD_PROTOCOL, header, tensors, timeout=timeout)
+    return _check_tensor(peer, out, hidden)
+
+
+class InferenceStream:
+    """One server's part of an inference session: `open`, then `step`s, then `close`. Steps
+    are sequential (one request in flight per stream, as the protocol has no ids in flight)."""
+
+    def __init__(self, stream: Any, peer: str, blocks: BlockRange, timeout: float) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.blocks = blocks
+        self.timeout = timeout
+        self.closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        opener: StreamOpener,
+        peer: str,
+        blocks: BlockRange,
+        *,
+        max_length: int,
+        batch: int,
+        codec: str = "none",
+        timeout: float,
+    ) -> InferenceStream:
+        """Opens a session on `peer` for `blocks`; "busy" comes back as `RemoteError`."""
+        stream = await opener(peer, INFERENCE_PROTOCOL)
+        header = {
+            "max_length": max_length,
+            "batch": batch,
+            "start": blocks.start,
+            "end": blocks.end,
+            "codec": codec,
+        }
+        try:
+            await exchange(stream, peer, header, [], timeout=timeout)
+        except BaseException:
+            await close_stream(stream, reset=True)
+            raise
+        return cls(stream, peer, blocks, timeout)
+
+    async def step(
+        self,
+        step_id: int,
+        position: int,
+        hidden: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Runs `hidden` (batch, n, hidden) at `position`; a position below the server's cached
+        length rolls its cache back first. Any failure leaves the stream reset and closed."""
+        if self.closed:
+            raise PeerUnavailable(f"{self.peer}: session stream is closed", peer=self.peer)
+        tensors = [hidden]
+        header = {"step": step_id, "position": position, **_extras(tensors, mask, positions)}
+        try:
+            reply, out = await exchange(
+                self.stream, self.peer, header, tensors, timeout=self.timeout
+            )
+            want = position + hidden.shape[1]
+            if reply.get("step") != step_id or reply.get("position") != want:
+                got = (reply.get("step"), reply.get("position"))
+                raise BadReply(self.peer, f"step/position {got}, expected {(step_id, want)}")
+            return _check_tensor(self.peer, out, hidden)
+        except RemoteError as e:
+            if e.is_bad_input:  # the session is still good on the server
+                raise
+            await self.close(reset=True)
+            raise
+        except BaseException:
+            await self.close(reset=True)
+            raise
+
+    async def close(self, *, reset: bool = False) -> None:
+        """Ends the session (the server frees its cache tokens at once). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if not reset:
+            with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                await write_message(self.stream, {"close": True})
+        await close_stream(self.stream, reset=reset)

@@ -1,0 +1,270 @@
+"""`SwarmClient`: a client-mode peer for synchronous code. Research scripts and HF `generate()`
+are synchronous, so the client runs one trio loop in a background thread that owns the peer's
+stack (DHT client mode, listening to announcements into a `SwarmView`, announcing nothing);
+the caller's thread hands coroutines to it with `run(...)` and blocks on a lock for the answer
+(the GIL is released while it waits; nothing polls). It also keeps what every route planned
+through it shares: the bans of peers that failed, measured round-trip times, the planner.
+
+    with SwarmClient(["/ip4/.../p2p/Qm..."]) as client:
+        client.wait_for_blocks("tiny-llama", 4, timeout=30)
+        seq = RemoteSequential(client, "tiny-llama", 4)"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import multiaddr
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from petald.client.routing import PeerBans, RoutePlanner, RoutingPolicy, missing_blocks
+from petald.client.rpc import call_info
+from petald.dht.node import DhtConfig
+from petald.errors import PeerUnavailable, PetaldError, RoutingError, SessionClosed
+from petald.p2p.config import P2PConfig
+from petald.p2p.swarm_view import ServerEntry, SwarmView
+from petald.stack import Stack, build_stack
+from petald.types import BlockRange
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# While waiting for blocks, the DHT is re-read this often (seconds): gossip can drop messages
+# and a client that joined after a server's last gossip only learns of it from the DHT.
+DHT_REREAD = 1.0
+# Peers probed at once when measuring round trips (each probe is one `info` stream).
+PROBE_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    initial_peers: tuple[str, ...]
+    # A client is never dialed back (it announces nothing), so loopback is enough by default.
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    start_timeout: float = 30.0  # seconds to join the swarm
+    connect_timeout: float = 10.0  # seconds to reach a peer and open a stream
+    request_timeout: float = 60.0  # seconds for one forward/backward answer
+    step_timeout: float = 30.0  # seconds for one inference step's answer
+    max_attempts: int = 6  # servers tried for one hop before giving up
+    codec: str = "none"  # how servers encode their answers
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+
+    def __post_init__(self) -> None:
+        if not self.initial_peers:
+            raise ValueError("give the multiaddr of at least one swarm peer (initial_peers)")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """trio wraps a start-up failure in exception groups; the caller wants the one error."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+class SwarmClient:
+    def __init__(
+        self,
+        initial_peers: Sequence[str] = (),
+        *,
+        config: ClientConfig | None = None,
+        key_pair: KeyPair | None = None,
+    ) -> None:
+        self.config = config or ClientConfig(initial_peers=tuple(initial_peers))
+        self.key_pair = key_pair or create_new_key_pair()
+        self.planner = RoutePlanner(self.config.policy)
+        self.bans = PeerBans()  # loop thread only, like everything below
+        self.rtts: dict[str, float] = {}
+        self.stack: Stack | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # ---- lifecycle (caller's thread) -------------------------------------------------------
+
+    def start(self) -> SwarmClient:
+        """Joins the swarm; raises what stopped it (e.g. `PeerUnavailable`) within
+        `start_timeout`."""
+        with self._lock:
+            if self._thread is not None or self._closed:
+                raise SessionClosed("a SwarmClient starts once; make a new one")
+            self._thread = threading.Thread(target=self._thread_main, name="petald-client")
+            self._thread.start()
+        # The loop bounds its own start-up by start_timeout; the margin covers its teardown.
+        if not self._ready.wait(self.config.start_timeout + 10) or self._token is None:
+            self.close()
+            raise self._error or PeerUnavailable("the client did not start in time")
+        return self
+
+    def close(self) -> None:
+        """Leaves the swarm and stops the loop thread. Idempotent; safe after a failed start."""
+        with self._lock:
+            self._closed = True
+            thread, token, stop = self._thread, self._token, self._stop
+        if token is not None and stop is not None:
+            with contextlib.suppress(trio.RunFinishedError):  # the loop has ended already
+                trio.from_thread.run_sync(stop.set, trio_token=token)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    def __enter__(self) -> SwarmClient:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as e:  # reported to start(); after start, calls see the loop end
+            self._error = _leaf(e)
+            if self._token is not None:
+                log.warning("client loop ended: %r", self._error)
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        p2p = P2PConfig(listen=self.config.listen, initial_peers=self.config.initial_peers)
+        async with trio.open_nursery() as nursery:
+            stack = build_stack(self.key_pair, p2p, dht_config=DhtConfig(client_mode=True))
+            try:
+                with trio.fail_after(self.config.start_timeout):
+                    self.stack = await stack.start(nursery)
+            except trio.TooSlowError:
+                limit = self.config.start_timeout
+                raise PeerUnavailable(f"could not join the swarm within {limit:.0f} s") from None
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Runs `await fn(*args)` on the client's loop and returns its result (or raises)."""
+        if self._closed or self._token is None:
+            raise SessionClosed("the SwarmClient is not running (start it, or it was closed)")
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise SessionClosed(f"the client's loop has stopped ({self._error!r})") from None
+
+    # ---- the swarm (caller's thread) -------------------------------------------------------
+
+    def servers(self, model: str) -> list[ServerEntry]:
+        """The live servers of `model` this client knows of."""
+        return self.run(self._servers_async, model)
+
+    async def _servers_async(self, model: str) -> list[ServerEntry]:
+        return self.live_servers(model)
+
+    def wait_for_blocks(self, model: str, n_blocks: int, timeout: float = 30.0) -> None:
+        """Returns once online servers of `model` cover blocks [0, n_blocks); raises
+        `RoutingError` naming the missing blocks after `timeout` seconds."""
+        if n_blocks < 1 or timeout < 0:
+            raise ValueError("n_blocks must be >= 1 and timeout >= 0")
+        self.run(self._wait_for_blocks, model, BlockRange(0, n_blocks), timeout)
+
+    # ---- loop side: used by RemoteSequential and InferenceSession --------------------------
+
+    @property
+    def view(self) -> SwarmView:
+        assert self.stack is not None and self.stack.announcer is not None
+        return self.stack.announcer.view
+
+    def live_servers(self, model: str) -> list[ServerEntry]:
+        return self.view.servers(model, now=time.time())
+
+    def banned(self) -> set[str]:
+        return self.bans.banned(trio.current_time())
+
+    def ban(self, peer: str, error: BaseException, *, at_least: float = 0.0) -> None:
+        seconds = self.bans.ban(peer, trio.current_time(), at_least=at_least)
+        self.rtts.pop(peer, None)
+        log.info("banned %s for %.0f s: %s", peer, seconds, error)
+
+    async def watch(self, model: str) -> None:
+        assert self.stack is not None and self.stack.announcer is not None
+        await self.stack.announcer.watch(model)
+
+    async def _wait_for_blocks(self, model: str, blocks: BlockRange, timeout: float) -> None:
+        announcer = self.stack.announcer if self.stack else None
+        assert announcer is not None
+
+        def missing(_: SwarmView | None = None) -> list[tuple[int, int]]:
+            usable = self.planner.eligible(self.live_servers(model), model, self.banned())
+            return missing_blocks(usable, blocks)
+
+        with trio.move_on_after(timeout):
+            await self.watch(model)
+            while missing():  # each round waits for a change or DHT_REREAD: bounded by timeout
+                try:
+                    await announcer.wait_until(lambda v: not missing(v), timeout=DHT_REREAD)
+                except trio.TooSlowError:
+                    await announcer.refresh_from_dht(model)
+        if gaps := missing():
+            text = ", ".join(f"{a}:{b}" for a, b in gaps)
+            raise RoutingError(
+                f"{model}: after {timeout:.0f} s no online server holds blocks {text}",
+                missing=tuple(gaps),
+            )
+
+    async def open_stream(self, peer_id: str, protocol: TProtocol) -> Any:
+        """A new stream to `peer_id` (dialing its announced addresses if need be); raises
+        `PeerUnavailable` within `connect_timeout`."""
+        assert self.stack is not None
+        entry = self.view.get(peer_id)
+        addrs = []
+        for a in entry.info.addrs if entry else ():
+            # Direct addresses are dialed without the /p2p/ suffix the servers announce with;
+            # circuit addresses keep it (the relay transport needs the destination).
+            text = a if "/p2p-circuit" in a else a.removesuffix(f"/p2p/{peer_id}")
+            try:
+                addrs.append(multiaddr.Multiaddr(text))
+            except Exception:  # an announced address we cannot parse: skip it
+                continue
+        try:
+            peer = ID.from_base58(peer_id)
+            with trio.fail_after(self.config.connect_timeout):
+                await self.stack.dialer.ensure_connected(peer, addrs)
+                return await self.stack.host.host.new_stream(peer, [protocol])
+        except trio.TooSlowError:
+            msg = f"{peer_id}: no stream within {self.config.connect_timeout:.0f} s"
+            raise PeerUnavailable(msg, peer=peer_id) from None
+        except PetaldError as e:
+            raise PeerUnavailable(str(e), peer=peer_id) from None
+        except Exception as e:  # py-libp2p dial and negotiation errors come in many types
+            raise PeerUnavailable(f"{peer_id}: {type(e).__name__}: {e}", peer=peer_id) from None
+
+    async def probe(self, peers: Sequence[str], *, timeout: float = 3.0) -> None:
+        """Measures the round trip (an `info` request on a new stream) to each of `peers` not
+        measured yet; a peer that does not answer is banned."""
+        limiter = trio.CapacityLimiter(PROBE_CONCURRENCY)
+
+        async def one(peer: str) -> None:
+            async with limiter:
+                t0 = trio.current_time()
+                try:
+                    await call_info(self.open_stream, peer, timeout=timeout)
+                except PetaldError as e:
+                    self.ban(peer, e)
+                    return
+                self.rtts[peer] = trio.current_time() - t0
+
+        async with trio.open_nursery() as nursery:
+            for peer in dict.fromkeys(peers):
+                if peer not in self.rtts:
+                    nursery.start_soon(one, peer)

@@ -1,0 +1,334 @@
+"""`InferenceSession`: token-by-token inference through a remote block range, one streaming
+session (`/petald/inference/1.0.0`, KV cache on the server) per hop of a latency-optimal route.
+
+Failover: the session keeps, for every hop boundary of its route, the inputs of every cached
+token (hidden states; and the attention mask and position ids of all tokens). When a server
+fails (disconnect, timeout, an error reply that is not about our input, a reply that does not
+fit), it is banned, its hop's blocks are planned again (possibly over several servers), the new
+servers' caches are rebuilt by replaying that history as one prefill, and the step goes on from
+that hop: outputs equal an uninterrupted run's up to float rounding. Each failover's stall (time
+lost) is logged at INFO and kept in `stats`. Entry point: `RemoteSequential.inference_session`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from petald.client.routing import Hop
+from petald.client.rpc import InferenceStream
+from petald.client.runtime import SwarmClient
+from petald.errors import BadReply, PeerUnavailable, RemoteError, RoutingError, SessionClosed
+from petald.types import BlockRange
+
+log = logging.getLogger(__name__)
+
+
+def is_server_failure(error: BaseException) -> bool:
+    """Whether another server should be tried: everything but our own bad input."""
+    if isinstance(error, RemoteError):
+        return not error.is_bad_input
+    return isinstance(error, PeerUnavailable | BadReply | SessionClosed)
+
+
+def check_inputs(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    batch: int,
+    position: int,
+) -> None:
+    """Caller errors are ValueErrors raised here, before any server sees them."""
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or 0 in hidden.shape:
+        raise ValueError("hidden states must be a non-empty (batch, seq, hidden) tensor")
+    if not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden states must be floating point, not {hidden.dtype}")
+    if hidden.shape[0] != batch:
+        raise ValueError(f"a batch of {hidden.shape[0]} sequences; this session has {batch}")
+    n = hidden.shape[1]
+    if mask is not None and tuple(mask.shape) != (batch, position + n):
+        raise ValueError(f"attention_mask {tuple(mask.shape)}: expected {(batch, position + n)}")
+    if positions is not None and (
+        positions.ndim != 2 or positions.shape[0] not in (1, batch) or positions.shape[1] != n
+    ):
+        raise ValueError(f"position_ids {tuple(positions.shape)}: expected ({batch}, {n})")
+
+
+def _overlaps(a: BlockRange, b: BlockRange) -> bool:
+    return a.start < b.end and b.start < a.end
+
+
+@dataclass
+class Failover:
+    peer_id: str
+    blocks: BlockRange
+    position: int  # tokens replayed into the replacement
+    replacement: list[Hop]
+    stall: float  # seconds from the failed call to the rebuilt caches
+    error: str
+
+
+@dataclass
+class SessionStats:
+    steps: int = 0
+    failovers: list[Failover] = field(default_factory=list)
+
+    @property
+    def stall_seconds(self) -> float:
+        return sum(f.stall for f in self.failovers)
+
+
+@dataclass
+class _Link:
+    hop: Hop
+    stream: InferenceStream
+
+
+class InferenceSession:
+    def __init__(
+        self, client: SwarmClient, model: str, blocks: BlockRange, max_length: int, batch: int
+    ) -> None:
+        if not (max_length > 0 and batch > 0):
+            raise ValueError("max_length and batch must be positive")
+        self.client, self.model, self.blocks = client, model, blocks
+        self.max_length, self.batch = max_length, batch
+        self.stats = SessionStats()
+        self._links: list[_Link] = []
+        self._position = 0
+        self._step_id = 0
+        self._closed = False
+        # Inputs of the cached tokens at each hop boundary: (batch, position, hidden).
+        self._history: dict[int, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None  # (batch, position); None: all ones
+        self._positions: torch.Tensor | None = None  # (batch, position); None: 0..position-1
+
+    @property
+    def position(self) -> int:
+        """Tokens the session holds; the next step starts here."""
+        return self._position
+
+    @property
+    def route(self) -> list[Hop]:
+        return [link.hop for link in self._links]
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def step(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Runs `hidden` (batch, n, hidden) for the tokens at [position, position + n);
+        `attention_mask` is (batch, position + n): all tokens so far."""
+        if self._closed:
+            raise SessionClosed("this inference session is closed")
+        check_inputs(hidden, attention_mask, position_ids, self.batch, self._position)
+        if self._position + hidden.shape[1] > self.max_length:
+            raise ValueError(f"{self._position} + {hidden.shape[1]} tokens exceed max_length")
+        return self.client.run(self._step, hidden.detach(), attention_mask, position_ids)
+
+    def rollback(self, position: int) -> None:
+        """Forgets the tokens at `position` and after; the servers roll back on the next step."""
+        if not 0 <= position <= self._position:
+            raise ValueError(f"cannot roll back to {position}: the session holds {self._position}")
+        self._position = position
+        self._history = {b: h[:, :position] for b, h in self._history.items()}
+        if self._mask is not None:
+            self._mask = self._mask[:, :position]
+        if self._positions is not None:
+            self._positions = self._positions[:, :position]
+
+    def close(self) -> None:
+        """Ends every server's session (their cache tokens are freed). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        links, self._links = self._links, []
+        if links:
+            # SessionClosed: the client is gone, and the streams with it.
+            with contextlib.suppress(SessionClosed):
+                self.client.run(self._close_links, links)
+
+    # ---- on the client's loop --------------------------------------------------------------
+
+    async def _close_links(self, links: list[_Link]) -> None:
+        async with trio.open_nursery() as nursery:
+            for link in links:
+                nursery.start_soon(link.stream.close)
+
+    def _full_inputs(
+        self, n: int, mask: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The mask and position ids of all tokens after this step, materialised only once
+        some step gave them (until then the servers' defaults are exact)."""
+        pos, end = self._position, self._position + n
+        if mask is None and self._mask is not None:
+            mask = torch.cat([self._mask, torch.ones(self.batch, n, dtype=self._mask.dtype)], 1)
+        if positions is not None or self._positions is not None:
+            old = self._positions
+            if old is None:
+                old = torch.arange(pos).expand(self.batch, pos)
+            new = torch.arange(pos, end) if positions is None else positions.to(torch.int64)
+            positions = torch.cat([old, new.expand(self.batch, n)], 1)
+        return mask, positions
+
+    def _next_id(self) -> int:
+        self._step_id += 1
+        return self._step_id
+
+    async def _step(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        pos, n = self._position, hidden.shape[1]
+        full_mask, full_positions = self._full_inputs(n, mask, position_ids)
+        step_positions = full_positions[:, pos:] if full_positions is not None else None
+        if not self._links:
+            self._links = await self._open(self.blocks)
+        attempts = self.client.config.max_attempts
+        inputs: dict[int, torch.Tensor] = {}
+        x, i = hidden, 0
+        while i < len(self._links):  # advances i or spends an attempt: bounded
+            link = self._links[i]
+            inputs[link.hop.blocks.start] = x
+            t0 = trio.current_time()
+            try:
+                y = await link.stream.step(
+                    self._next_id(), pos, x, mask=full_mask, positions=step_positions
+                )
+            except Exception as e:
+                if not is_server_failure(e):
+                    raise
+                attempts -= 1
+                if attempts <= 0:
+                    raise RoutingError(f"giving up after repeated failures; last: {e}") from e
+                await self._failover(i, e, t0)
+                continue
+            self.client.bans.succeeded(link.hop.peer_id)
+            x, i = y, i + 1
+        # Commit: the history grows by this step's inputs at every boundary of the route.
+        self._history = {
+            b: torch.cat([self._history[b], inp], 1) if pos else inp for b, inp in inputs.items()
+        }
+        self._mask, self._positions = full_mask, full_positions
+        self._position = pos + n
+        self.stats.steps += 1
+        return x
+
+    async def _open(self, blocks: BlockRange) -> list[_Link]:
+        """Plans a route through `blocks` and opens a session on each hop's server (at once);
+        a server that fails to open is banned and the route planned again."""
+        client = self.client
+        for _ in range(client.config.max_attempts):
+            candidates = client.planner.eligible(
+                client.live_servers(self.model), self.model, client.banned()
+            )
+            wanted = [e.peer_id for e in candidates if _overlaps(e.info.blocks, blocks)]
+            await client.probe(wanted)
+            route = client.planner.plan_inference(
+                client.live_servers(self.model),
+                self.model,
+                blocks,
+                rtts=client.rtts,
+                banned=client.banned(),
+                cache_tokens=self.batch * self.max_length,
+            )
+            opened, failed = await self._open_all(route)
+            if not failed:
+                return [_Link(hop, opened[i]) for i, hop in enumerate(route)]
+            for hop, e in failed:
+                client.ban(hop.peer_id, e)
+            await self._close_links([_Link(route[i], s) for i, s in opened.items()])
+        raise RoutingError(f"could not open sessions through {self.model} blocks {blocks}")
+
+    async def _open_all(
+        self, route: list[Hop]
+    ) -> tuple[dict[int, InferenceStream], list[tuple[Hop, Exception]]]:
+        """Opens a session on every hop's server at once: the opened streams by hop index, and
+        the hops whose server failed."""
+        client = self.client
+        opened: dict[int, InferenceStream] = {}
+        failed: list[tuple[Hop, Exception]] = []
+
+        async def open_one(i: int, hop: Hop) -> None:
+            try:
+                opened[i] = await InferenceStream.open(
+                    client.open_stream,
+                    hop.peer_id,
+                    hop.blocks,
+                    max_length=self.max_length,
+                    batch=self.batch,
+                    codec=client.config.codec,
+                    timeout=client.config.step_timeout,
+                )
+            except Exception as e:
+                if not is_server_failure(e):
+                    raise
+                failed.append((hop, e))
+
+        async with trio.open_nursery() as nursery:
+            for i, hop in enumerate(route):
+                nursery.start_soon(open_one, i, hop)
+        return opened, failed
+
+    async def _failover(self, i: int, error: Exception, t0: float) -> None:
+        """Replaces link `i` by a new route through its blocks whose caches hold the session's
+        tokens again (replayed from the history), so the current step can go on from there."""
+        failed = self._links[i]
+        self.client.ban(failed.hop.peer_id, error)
+        await failed.stream.close(reset=True)
+        pos = self._position
+        for _ in range(self.client.config.max_attempts):
+            links = await self._open(failed.hop.blocks)
+            try:
+                await self._replay(links, pos)
+            except Exception as e:
+                if not is_server_failure(e):
+                    raise
+                self.client.ban(getattr(e, "peer", ""), e)
+                await self._close_links(links)
+                continue
+            break
+        else:
+            raise RoutingError(f"could not rebuild the session through {failed.hop.blocks}")
+        self._links[i : i + 1] = links
+        # Boundaries no longer in the route (none today: a hop is replaced over its own range)
+        # would only hold memory.
+        starts = {link.hop.blocks.start for link in self._links}
+        self._history = {b: h for b, h in self._history.items() if b in starts}
+        stall = trio.current_time() - t0
+        new_route = [link.hop for link in links]
+        self.stats.failovers.append(
+            Failover(failed.hop.peer_id, failed.hop.blocks, pos, new_route, stall, str(error))
+        )
+        log.info(
+            "failover: %s (blocks %s) failed at position %d (%s); replaced by %s, replayed %d "
+            "tokens, stall %.3f s",
+            failed.hop.peer_id,
+            failed.hop.blocks,
+            pos,
+            error,
+            ", ".join(map(str, new_route)),
+            pos,
+            stall,
+        )
+
+    async def _replay(self, links: list[_Link], pos: int) -> None:
+        """Feeds the `pos` cached tokens through the new links as one prefill, recording the
+        inputs at boundaries the old route did not have."""
+        if pos == 0:
+            return
+        mask = self._mask[:, :pos] if self._mask is not None else None
+        positions = self._positions[:, :pos] if self._positions is not None else None
+        x = self._history[links[0].hop.blocks.start]
+        for link in links:
+            start = link.hop.blocks.start
+            x = self._history.setdefault(start, x)
+            x = await link.stream.step(self._next_id(), 0, x, mask=mask, positions=positions)

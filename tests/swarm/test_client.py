@@ -1,0 +1,174 @@
+"""The client core against real `petald serve` processes: a tiny random Llama of 5 layers, of
+which blocks 0:4 are served as A = 0:2, B = 1:4 and C = 2:4 (so routes start mid-span and a
+failed hop can be replaced by one or two servers). Block 4 stays local so that every reference
+is a plain transformers hidden state (the last one would have the final norm applied).
+
+Checks: RemoteSequential.forward (also sliced) equals the local layers, backward equals
+autograd, an inference session step by step (and after a rollback) equals the full forward,
+and a session whose server is SIGKILLed mid-session goes on with identical outputs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from petald.client import ClientConfig, RemoteSequential, SwarmClient
+from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llama-5"
+SERVED = 4  # blocks 0:4 of 5
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("models") / MODEL
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama, tmp_path_factory) -> Iterator[dict[str, DaemonProcess]]:
+    path, _ = tiny_llama
+    tmp = tmp_path_factory.mktemp("client-swarm")
+    boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
+    servers: dict[str, DaemonProcess] = {}
+    try:
+        for name, blocks in [("A", "0:2"), ("B", "1:4"), ("C", "2:4")]:
+            servers[name] = spawn_daemon(
+                "serve",
+                str(path),
+                "--blocks",
+                blocks,
+                "--initial-peers",
+                boot.addr,
+                "--cache-tokens",
+                "256",
+                identity=tmp / f"{name}.key",
+            )
+        with ThreadPoolExecutor(len(servers)) as pool:  # they load in parallel
+            list(pool.map(lambda d: d.wait_ready(120), servers.values()))
+        yield servers
+    finally:
+        stop_all([*servers.values(), boot])
+
+
+@pytest.fixture(scope="module")
+def client(swarm) -> Iterator[SwarmClient]:
+    boot_peer = next(iter(swarm.values())).addr
+    config = ClientConfig(initial_peers=(boot_peer,), step_timeout=20, request_timeout=30)
+    with SwarmClient(config=config) as c:
+        c.wait_for_blocks(MODEL, SERVED, timeout=60)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """Hidden states of two 10-token sequences sharing a 6-token prefix; hs[i] is the input
+    of layer i."""
+    _, model = tiny_llama
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (1, 10))
+    alt = ids.clone()
+    alt[0, 6:] = (ids[0, 6:] + 7) % 128
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+        hs_alt = model(alt, output_hidden_states=True).hidden_states
+    return hs, hs_alt
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_forward_matches_local_layers_whole_and_sliced(client, tiny_llama) -> None:
+    _, model = tiny_llama
+    seq = RemoteSequential(client, MODEL, 5, end=SERVED)
+    assert len(seq) == 4 and len(seq[1:3]) == 2 and seq[-1].blocks.start == 3
+    with pytest.raises(ValueError, match="step of 1"):
+        seq[::2]
+    ids = torch.randint(0, 128, (2, 7))
+    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    with torch.no_grad():
+        hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    routes = set()
+    for _ in range(4):  # routes are random: several runs take different servers
+        out, trace = seq.forward_traced(hs[0], mask)
+        routes.add(tuple(str(b) for b, _ in trace.hops))
+        assert err(out, hs[4]) < TOL, trace.hops
+        sub = seq[1:3].forward(hs[1], mask)
+        assert err(sub, hs[3]) < TOL
+    print(f"forward 0:4 and 1:3 match within {TOL}; hop splits seen for 0:4: {sorted(routes)}")
+
+
+def test_backward_matches_autograd(client, tiny_llama) -> None:
+    _, model = tiny_llama
+    seq = RemoteSequential(client, MODEL, 5, end=SERVED)
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        x0 = model.model.embed_tokens(ids)
+    x = x0.clone().requires_grad_(True)
+    out = model.model(inputs_embeds=x, output_hidden_states=True).hidden_states[SERVED]
+    g = torch.randn_like(out)
+    out.backward(g)
+    grad = seq.backward(x0, g)
+    print(f"backward 0:4: max |remote - autograd| = {err(grad, x.grad):.2e}")
+    assert err(grad, x.grad) < TOL
+
+
+def test_inference_steps_and_rollback_match_the_full_forward(client, reference) -> None:
+    hs, hs_alt = reference
+    seq = RemoteSequential(client, MODEL, 5, end=SERVED)
+    with seq.inference_session(max_length=16) as session:
+        outs = [session.step(hs[0][:, :4])]
+        for t in range(4, 10):
+            outs.append(session.step(hs[0][:, t : t + 1]))
+        assert session.position == 10
+        assert err(torch.cat(outs, 1), hs[4]) < TOL
+        session.rollback(6)
+        assert session.position == 6
+        out = session.step(hs_alt[0][:, 6:9])
+        assert err(out, hs_alt[4][:, 6:9]) < TOL
+        print(f"session route {[str(h) for h in session.route]}: steps and rollback match")
+
+
+def test_failover_mid_session_keeps_outputs_identical(client, swarm, reference, caplog) -> None:
+    hs, _ = reference
+    seq = RemoteSequential(client, MODEL, 5, end=SERVED)
+    caplog.set_level(logging.INFO, logger="petald.client")
+    with seq.inference_session(max_length=16) as session:
+        outs = [session.step(hs[0][:, :4])]
+        outs += [session.step(hs[0][:, t : t + 1]) for t in (4, 5)]
+        victim = session.route[-1]  # holds block 3: B or C, never A
+        name = next(n for n, d in swarm.items() if d.peer_id == victim.peer_id)
+        swarm[name].kill()
+        outs += [session.step(hs[0][:, t : t + 1]) for t in range(6, 10)]
+        assert victim.peer_id not in {h.peer_id for h in session.route}
+        (failover,) = session.stats.failovers
+        e = err(torch.cat(outs, 1), hs[4])
+        print(
+            f"killed {name} ({victim}); replaced by {[str(h) for h in failover.replacement]}, "
+            f"replayed {failover.position} tokens, stall {failover.stall * 1000:.0f} ms; "
+            f"max |out - reference| = {e:.2e}"
+        )
+        assert e < TOL
+    assert any("failover" in r.message for r in caplog.records)
