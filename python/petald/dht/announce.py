@@ -98,6 +98,8 @@ class Announcer:
         # Set once our announcement has been published by gossip and stored in the DHT: from
         # then on a late joiner finds it, whatever gossip dropped.
         self.published = trio.Event()
+        self._last_published: ServerInfo | None = None
+        self._publish_done = trio.Event()
 
     def _notify(self) -> None:
         self._view_changed.set()
@@ -221,6 +223,16 @@ class Announcer:
             for r in blocks:
                 nursery.start_soon(put, r)
         self.published.set()
+        self._last_published = info
+        self._publish_done.set()
+        self._publish_done = trio.Event()
+
+    async def wait_published(self, info: ServerInfo) -> None:
+        """Returns once `info` itself has been gossiped and stored in the DHT (e.g. so that a
+        server says it is online only when late joiners can find it). Not bounded: callers
+        put a timeout around it."""
+        while self._last_published != info:
+            await self._publish_done.wait()
 
     async def _heartbeat(self) -> None:
         while True:

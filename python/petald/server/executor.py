@@ -129,7 +129,11 @@ class Executor:
                 if stream is None:
                     raise WorkerFailed("the compute process is not running")
                 await write_message(stream, header, list(tensors))
-                return await read_message(stream)
+                reply, out = await read_message(stream)
+                for key in ("rss", "peak_rss"):
+                    if key in reply:
+                        self.info[key] = reply.pop(key)
+                return reply, out
         finally:
             self._lock.release()
 

@@ -119,11 +119,13 @@ class BlockHandlers:
             "throughput": self.throughput,
             "cache_tokens_free": self.budget.free_tokens,
             "queued": self.executor.queued(),
-            # Of the compute process when the span was loaded: what serving these blocks costs.
+            # Of the compute process: what serving these blocks costs. rss/peak_rss are as of
+            # its last reply; baseline_rss is before it loaded any weight.
             "memory": {
                 "weight_bytes": w["weight_bytes"],
                 "baseline_rss": w["baseline_rss"],
-                "loaded_peak_rss": w["peak_rss"],
+                "rss": w["rss"],
+                "peak_rss": w["peak_rss"],
             },
             "version": __version__,
             "codecs": list(CODECS),

@@ -127,7 +127,10 @@ class BlockServer:
         sessions.register(host)
         handlers.state = "online"
         self.handlers = handlers
-        self._announce(handlers, "online")
+        online = self._announce(handlers, "online")
+        with trio.move_on_after(30):  # the DHT put is what late joiners read
+            assert self.stack.announcer is not None
+            await self.stack.announcer.wait_published(online)
         log.info("online: %s blocks %s, %.0f tokens/s", c.model, span, handlers.throughput)
 
     @staticmethod
@@ -170,7 +173,7 @@ class BlockServer:
         assert self.stack.announcer is not None
         self.stack.announcer.announce(self._info(span, "joining"))
 
-    def _announce(self, h: BlockHandlers, state: str) -> None:
+    def _announce(self, h: BlockHandlers, state: str) -> ServerInfo:
         w = h.worker
         info = self._info(
             BlockRange(*w["blocks"]),
@@ -183,6 +186,7 @@ class BlockServer:
         )
         assert self.stack.announcer is not None
         self.stack.announcer.announce(info)
+        return info
 
     async def _rebalance_loop(self, span: BlockRange) -> BlockRange:
         """Returns the span to move to (only with --num-blocks); otherwise runs forever."""

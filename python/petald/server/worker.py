@@ -48,6 +48,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def rss_bytes() -> int:
+    """Resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
 class Compute:
     """The span and its inference caches, by session id."""
 
@@ -72,6 +81,7 @@ class Compute:
             "weight_bytes": weights,
             # Keys and values of every block of the span, for one token.
             "kv_bytes_per_token": 2 * len(self.span.blocks) * kv_heads * head_dim * itemsize,
+            "rss": rss_bytes(),
             "peak_rss": peak_rss_bytes(),
         }
 
@@ -179,14 +189,14 @@ def _die_with_parent() -> None:
 
 async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
     stream = TrioByteStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
-    baseline = peak_rss_bytes()  # python, torch and transformers, before any weight
+    baseline = rss_bytes()  # python, torch and transformers, before any weight
     try:
         span = load_span(
             spec["source"],
             BlockRange(*spec["blocks"]),
             dtype=spec.get("dtype", "auto"),
             device=spec.get("device", "cpu"),
-            **({"quant": spec["quant"]} if spec.get("quant", "none") != "none" else {}),
+            quant=spec.get("quant", "none"),
             progress=spec.get("progress", True),
         )
     except Exception as e:  # the daemon prints it and exits with a clear message
@@ -200,7 +210,11 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
         except MessageError:  # the daemon closed its end: we are done
             return
         reply, out = compute.handle(header, tensors)
-        await write_message(stream, reply, out)
+        # Memory rides on every reply (a /proc read), so `info` shows it without a request
+        # that would queue behind a long prefill.
+        await write_message(
+            stream, {**reply, "rss": rss_bytes(), "peak_rss": peak_rss_bytes()}, out
+        )
 
 
 def main(argv: list[str]) -> int:

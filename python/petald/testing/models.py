@@ -1,0 +1,36 @@
+"""Tiny random-weight models saved with `save_pretrained`, for tests and benchmarks that need a
+real checkpoint on disk (the Hub is not reachable from CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def save_tiny_llama(
+    path: Path,
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A random Llama saved at `path` (safetensors); returns the model, in eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model
