@@ -81,6 +81,7 @@ BAD_INPUT_CODES = frozenset(
         "bad_step",
         "bad_input",
         "too_large",
+        "too_long",
         "malformed",
     }
 )

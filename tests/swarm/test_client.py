@@ -118,6 +118,11 @@ def test_forward_matches_local_layers_whole_and_sliced(client, tiny_llama) -> No
         sub = seq[1:3].forward(hs[1], mask)
         assert err(sub, hs[3]) < TOL
     print(f"forward 0:4 and 1:3 match within {TOL}; hop splits seen for 0:4: {sorted(routes)}")
+    # Position ids on the wire (e.g. a continuation that starts at position 5).
+    pids = torch.arange(5, 12).unsqueeze(0)
+    with torch.no_grad():
+        hs = model(ids, position_ids=pids, output_hidden_states=True).hidden_states
+    assert err(seq.forward(hs[0], position_ids=pids), hs[4]) < TOL
 
 
 def test_backward_matches_autograd(client, tiny_llama) -> None:
@@ -148,6 +153,11 @@ def test_inference_steps_and_rollback_match_the_full_forward(client, reference) 
         assert session.position == 6
         out = session.step(hs_alt[0][:, 6:9])
         assert err(out, hs_alt[4][:, 6:9]) < TOL
+    with seq.inference_session(max_length=16) as session:  # explicit position ids
+        pids = torch.arange(10).unsqueeze(0)
+        outs = [session.step(hs[0][:, :3], position_ids=pids[:, :3])]
+        outs += [session.step(hs[0][:, t : t + 1], position_ids=pids[:, t : t + 1]) for t in (3, 4)]
+        assert err(torch.cat(outs, 1), hs[4][:, :5]) < TOL
         print(f"session route {[str(h) for h in session.route]}: steps and rollback match")
 
 

@@ -19,7 +19,14 @@ import torch
 import trio
 from libp2p.custom_types import TProtocol
 
-from petald.errors import BadReply, PeerUnavailable, PetaldError, RemoteError, WireError
+from petald.errors import (
+    BadReply,
+    PeerUnavailable,
+    PetaldError,
+    RemoteError,
+    SessionClosed,
+    WireError,
+)
 from petald.types import BlockRange
 from petald.wire.messages import read_message, write_message
 
@@ -31,6 +38,13 @@ INFERENCE_PROTOCOL = TProtocol("/petald/inference/1.0.0")
 
 # (peer_id, protocol) -> a new stream to that peer; raises PeerUnavailable.
 StreamOpener = Callable[[str, TProtocol], Awaitable[Any]]
+
+
+def is_server_failure(error: BaseException) -> bool:
+    """Whether another server should be tried: every failure but our own bad input."""
+    if isinstance(error, RemoteError):
+        return not error.is_bad_input
+    return isinstance(error, PeerUnavailable | BadReply | SessionClosed)
 
 
 def _check_reply(peer: str, header: dict[str, Any], *, ok: bool = True) -> None:

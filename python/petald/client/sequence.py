@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from petald.client.rpc import call_backward, call_forward
+from petald.client.rpc import call_backward, call_forward, is_server_failure
 from petald.client.runtime import SwarmClient
-from petald.client.session import InferenceSession, check_inputs, is_server_failure
+from petald.client.session import InferenceSession, check_inputs
 from petald.errors import RoutingError
 from petald.types import BlockRange
 

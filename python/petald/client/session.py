@@ -19,19 +19,12 @@ import torch
 import trio
 
 from petald.client.routing import Hop
-from petald.client.rpc import InferenceStream
+from petald.client.rpc import InferenceStream, is_server_failure
 from petald.client.runtime import SwarmClient
-from petald.errors import BadReply, PeerUnavailable, RemoteError, RoutingError, SessionClosed
+from petald.errors import RoutingError, SessionClosed
 from petald.types import BlockRange
 
 log = logging.getLogger(__name__)
-
-
-def is_server_failure(error: BaseException) -> bool:
-    """Whether another server should be tried: everything but our own bad input."""
-    if isinstance(error, RemoteError):
-        return not error.is_bad_input
-    return isinstance(error, PeerUnavailable | BadReply | SessionClosed)
 
 
 def check_inputs(
