@@ -10,6 +10,9 @@ and a session whose server is SIGKILLed mid-session goes on with identical outpu
 from __future__ import annotations
 
 import logging
+import statistics
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from petald.client import ClientConfig, RemoteSequential, SwarmClient
+from petald.errors import RoutingError
 from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
 
 pytestmark = pytest.mark.slow
@@ -77,8 +81,17 @@ def client(swarm) -> Iterator[SwarmClient]:
     boot_peer = next(iter(swarm.values())).addr
     config = ClientConfig(initial_peers=(boot_peer,), step_timeout=20, request_timeout=30)
     with SwarmClient(config=config) as c:
+        t0 = time.monotonic()
         c.wait_for_blocks(MODEL, SERVED, timeout=60)
+        print(f"client saw blocks 0:{SERVED} covered {time.monotonic() - t0:.2f} s after joining")
         yield c
+    assert not [t for t in threading.enumerate() if t.name == "petald-client"]
+
+
+def test_waiting_for_blocks_nobody_serves_names_them(client) -> None:
+    with pytest.raises(RoutingError, match="no online server holds blocks 0:3") as info:
+        client.wait_for_blocks("no-such-model", 3, timeout=0.5)
+    assert info.value.missing == ((0, 3),)
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +123,19 @@ def test_forward_matches_local_layers_whole_and_sliced(client, tiny_llama) -> No
     mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
     with torch.no_grad():
         hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    routes = set()
+    routes, times = set(), []
     for _ in range(4):  # routes are random: several runs take different servers
+        t0 = time.perf_counter()
         out, trace = seq.forward_traced(hs[0], mask)
+        times.append(time.perf_counter() - t0)
         routes.add(tuple(str(b) for b, _ in trace.hops))
         assert err(out, hs[4]) < TOL, trace.hops
         sub = seq[1:3].forward(hs[1], mask)
         assert err(sub, hs[3]) < TOL
-    print(f"forward 0:4 and 1:3 match within {TOL}; hop splits seen for 0:4: {sorted(routes)}")
+    print(
+        f"forward 0:4 and 1:3 match within {TOL}; hop splits seen for 0:4: {sorted(routes)}; "
+        f"forward 0:4 (2 x 7 tokens) median {statistics.median(times) * 1000:.1f} ms"
+    )
     # Position ids on the wire (e.g. a continuation that starts at position 5).
     pids = torch.arange(5, 12).unsqueeze(0)
     with torch.no_grad():
@@ -145,8 +163,11 @@ def test_inference_steps_and_rollback_match_the_full_forward(client, reference) 
     seq = RemoteSequential(client, MODEL, 5, end=SERVED)
     with seq.inference_session(max_length=16) as session:
         outs = [session.step(hs[0][:, :4])]
+        times = []
         for t in range(4, 10):
+            t0 = time.perf_counter()
             outs.append(session.step(hs[0][:, t : t + 1]))
+            times.append(time.perf_counter() - t0)
         assert session.position == 10
         assert err(torch.cat(outs, 1), hs[4]) < TOL
         session.rollback(6)
@@ -158,7 +179,10 @@ def test_inference_steps_and_rollback_match_the_full_forward(client, reference) 
         outs = [session.step(hs[0][:, :3], position_ids=pids[:, :3])]
         outs += [session.step(hs[0][:, t : t + 1], position_ids=pids[:, t : t + 1]) for t in (3, 4)]
         assert err(torch.cat(outs, 1), hs[4][:, :5]) < TOL
-        print(f"session route {[str(h) for h in session.route]}: steps and rollback match")
+        print(
+            f"session route {[str(h) for h in session.route]}: steps and rollback match; "
+            f"one-token step median {statistics.median(times) * 1000:.1f} ms"
+        )
 
 
 def test_failover_mid_session_keeps_outputs_identical(client, swarm, reference, caplog) -> None:

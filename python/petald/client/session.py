@@ -7,7 +7,8 @@ fails (disconnect, timeout, an error reply that is not about our input, a reply 
 fit), it is banned, its hop's blocks are planned again (possibly over several servers), the new
 servers' caches are rebuilt by replaying that history as one prefill, and the step goes on from
 that hop: outputs equal an uninterrupted run's up to float rounding. Each failover's stall (time
-lost) is logged at INFO and kept in `stats`. Entry point: `RemoteSequential.inference_session`."""
+lost) is logged at INFO and kept in `stats`. A session is used from one thread at a time.
+Entry point: `RemoteSequential.inference_session`."""
 
 from __future__ import annotations
 
@@ -261,14 +262,16 @@ class InferenceSession:
                     codec=client.config.codec,
                     timeout=client.config.step_timeout,
                 )
-            except Exception as e:
-                if not is_server_failure(e):
-                    raise
+            except Exception as e:  # sorted below, so the caller never sees an exception group
                 failed.append((hop, e))
 
         async with trio.open_nursery() as nursery:
             for i, hop in enumerate(route):
                 nursery.start_soon(open_one, i, hop)
+        ours = [e for _, e in failed if not is_server_failure(e)]
+        if ours:  # e.g. max_length over the servers' limit: no other server would take it
+            await self._close_links([_Link(route[i], s) for i, s in opened.items()])
+            raise ours[0]
         return opened, failed
 
     async def _failover(self, i: int, error: Exception, t0: float) -> None:
