@@ -102,7 +102,11 @@ class SwarmClient:
         with self._lock:
             if self._thread is not None or self._closed:
                 raise SessionClosed("a SwarmClient starts once; make a new one")
-            self._thread = threading.Thread(target=self._thread_main, name="petald-client")
+            # A daemon thread: a client someone forgot to close must not keep the process alive
+            # at exit (close() or the with-block is the way to leave the swarm cleanly).
+            self._thread = threading.Thread(
+                target=self._thread_main, name="petald-client", daemon=True
+            )
             self._thread.start()
         # The loop bounds its own start-up by start_timeout; the margin covers its teardown.
         if not self._ready.wait(self.config.start_timeout + 10) or self._token is None:
