@@ -29,12 +29,14 @@ from petald.errors import (
 )
 from petald.types import BlockRange
 from petald.wire.messages import read_message, write_message
+from petald.wire.protocols import (
+    BACKWARD_PROTOCOL,
+    FORWARD_PROTOCOL,
+    INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+)
 
 # The same strings as petald.server.handlers/inference (client/ must not import server/).
-INFO_PROTOCOL = TProtocol("/petald/info/1.0.0")
-FORWARD_PROTOCOL = TProtocol("/petald/forward/1.0.0")
-BACKWARD_PROTOCOL = TProtocol("/petald/backward/1.0.0")
-INFERENCE_PROTOCOL = TProtocol("/petald/inference/1.0.0")
 
 # (peer_id, protocol) -> a new stream to that peer; raises PeerUnavailable.
 StreamOpener = Callable[[str, TProtocol], Awaitable[Any]]

@@ -2,7 +2,7 @@
 process, waits until the span is loaded, then passes it one request at a time — inference steps
 before forward/backward work (`PriorityLock`), since a chat user waits on every step while a
 training batch is throughput work. A compute process that dies takes the daemon down with a clear
-message; a daemon that dies takes the compute process with it (PR_SET_PDEATHSIG in the worker).
+message; a daemon that dies takes the compute process with it (a lifeline pipe, see the worker).
 
 Entry point: `info = await nursery.start(executor.run)`, then `await executor.call(header, tensors,
 priority=...)`."""
@@ -13,6 +13,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -81,14 +82,19 @@ class Executor:
     async def run(self, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
         """Starts the compute process and serves until cancelled; started(info) once loaded."""
         ours, theirs = socket.socketpair()
+        # The lifeline: we hold the write end (never inherited by anyone) until we die.
+        lifeline_r, lifeline_w = os.pipe()
         argv = [sys.executable, "-m", "petald.server.worker", str(theirs.fileno())]
-        proc = await trio.lowlevel.open_process(
-            [*argv, json.dumps(self.spec)],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,  # stdout is the daemon's JSON channel; logs go to stderr
-        )
-        theirs.close()
+        try:
+            proc = await trio.lowlevel.open_process(
+                [*argv, json.dumps(self.spec), str(lifeline_r)],
+                pass_fds=(theirs.fileno(), lifeline_r),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # stdout is the daemon's JSON channel; logs: stderr
+            )
+        finally:
+            theirs.close()
+            os.close(lifeline_r)
         stream = TrioByteStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         try:
             try:
@@ -111,6 +117,7 @@ class Executor:
                     proc.kill()
                     with trio.move_on_after(10):
                         await proc.wait()
+                os.close(lifeline_w)
 
     async def call(
         self,

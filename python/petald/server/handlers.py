@@ -25,19 +25,16 @@ from typing import Any
 import torch
 import trio
 from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
 
 from petald import __version__
 from petald.errors import CodecError, FrameError, MessageError
 from petald.server.executor import TRAINING, Executor
 from petald.server.memory import CacheBudget
 from petald.wire.messages import read_message, write_message
+from petald.wire.protocols import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFO_PROTOCOL
 
 log = logging.getLogger(__name__)
 
-INFO_PROTOCOL = TProtocol("/petald/info/1.0.0")
-FORWARD_PROTOCOL = TProtocol("/petald/forward/1.0.0")
-BACKWARD_PROTOCOL = TProtocol("/petald/backward/1.0.0")
 CODECS = ("none", "zstd", "fp16", "bf16", "int8", "int8-256", "int8+zstd")
 # Position ids beyond this are no real model's (and would make rotary tables huge).
 MAX_POSITION = 1 << 20

@@ -23,17 +23,15 @@ from typing import Any
 import torch
 import trio
 from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
 
 from petald.errors import CodecError, FrameError, MessageError
 from petald.server.executor import INFERENCE
 from petald.server.handlers import CODECS, BadRequest, BlockHandlers, check_extras, reset_stream
 from petald.server.memory import MAX_SESSIONS_PER_PEER, SESSION_IDLE_TIMEOUT, Busy
 from petald.wire.messages import read_message, write_message
+from petald.wire.protocols import INFERENCE_PROTOCOL
 
 log = logging.getLogger(__name__)
-
-INFERENCE_PROTOCOL = TProtocol("/petald/inference/1.0.0")
 
 
 class InferenceSessions:

