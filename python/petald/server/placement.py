@@ -37,6 +37,6 @@ def should_move(others: list[float], current: BlockRange, throughput: float) -> 
         return None
     now = min(_with(others, current, throughput))
     after = min(_with(others, target, throughput))
-    if now <= 0.0:
-        return target if after > 0.0 else None
-    return target if now / after < BALANCE_QUALITY else None
+    if after <= now:
+        return None
+    return target if now < BALANCE_QUALITY * after else None
