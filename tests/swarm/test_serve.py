@@ -222,3 +222,31 @@ async def test_inference_session_steps_rollback_retransmit_and_budget(served, ti
         assert ok.get("ok"), ok
 
     await with_sessions(server, body)
+
+
+async def test_all_hidden_and_beam_reorder_over_the_wire(served, tiny_llama) -> None:
+    from petald.server.inference import INFERENCE_PROTOCOL
+
+    _, model = tiny_llama
+    server = served[1]
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    header, (stacked,) = await call(server, FORWARD_PROTOCOL, {"all_hidden": True}, [hs[1]])
+    assert header["ok"] and stacked.shape == (3, 2, 6, 64)
+    for i in range(2):  # hs[4] is after the final norm in transformers: compare the plain output
+        assert (stacked[i] - hs[2 + i]).abs().max().item() < 1e-5
+    _, (last,) = await call(server, FORWARD_PROTOCOL, {}, [hs[1]])
+    assert torch.equal(stacked[2], last)
+    bad, _ = await call(server, FORWARD_PROTOCOL, {"all_hidden": "yes"}, [hs[1]])
+    assert bad["error"] == "bad_request"
+
+    async with rpc_client(server) as open_stream:
+        s = RawSession(await open_stream(INFERENCE_PROTOCOL))
+        assert (await s.send({"batch": 2, "max_length": 8, "start": 1, "end": 3}))[0]["ok"]
+        await s.send({"step": 0, "position": 0}, [hs[1][:, :5]])
+        # Beam search kept sequence 1 twice: the next step continues sequence 1 in both rows.
+        h, (out,) = await s.send({"step": 1, "position": 5, "reorder": [1, 1]}, [hs[1][[1, 1], 5:]])
+        assert h["ok"] and (out - hs[3][[1, 1], 5:]).abs().max().item() < 1e-5
+        bad, _ = await s.send({"step": 2, "position": 6, "reorder": [0, 2]}, [hs[1][:, :1]])
+        assert bad["error"] == "bad_reorder"

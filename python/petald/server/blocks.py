@@ -32,6 +32,17 @@ class SpanCache:
     max_length: int
     position: int = 0
 
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Reorders the cached sequences along the batch (beam search keeps the best beams):
+        sequence i becomes the former sequence indices[i]."""
+        if indices.shape != (self.batch_size,) or not bool(
+            ((indices >= 0) & (indices < self.batch_size)).all()
+        ):
+            raise ValueError(f"reorder needs {self.batch_size} indices in [0, {self.batch_size})")
+        for layer in self.kv.layers:
+            if layer.is_initialized:
+                layer.reorder_cache(indices.to(layer.keys.device))
+
     def rollback(self, position: int) -> None:
         """Forget every token at `position` and after (e.g. rejected speculative tokens)."""
         if not 0 <= position <= self.position:
@@ -79,16 +90,20 @@ class Span(nn.Module):
         end_block: int | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        all_hidden: bool = False,
     ) -> torch.Tensor:
         """Run blocks [start_block, end_block) (default: the whole span) without a cache.
         `attention_mask` is (batch, seq) with 1 for real tokens and 0 for padding;
-        `position_ids` defaults to 0..seq-1, as in the transformers model's forward."""
+        `position_ids` defaults to 0..seq-1, as in the transformers model's forward.
+        `all_hidden`: return every block's output, stacked: (blocks, batch, seq, hidden)."""
         sub = self._sub_range(start_block, end_block)
         hidden = self._input(hidden_states)
         batch, seq, _ = hidden.shape
         mask = self._mask(attention_mask, batch, seq)
         positions = self._positions(position_ids, batch, 0, seq)
-        return self._run(hidden, sub, mask, positions, None)
+        outputs: list[torch.Tensor] | None = [] if all_hidden else None
+        out = self._run(hidden, sub, mask, positions, None, outputs)
+        return torch.stack(outputs) if outputs is not None else out
 
     def new_cache(
         self,
@@ -150,6 +165,7 @@ class Span(nn.Module):
         mask: torch.Tensor | None,
         positions: torch.Tensor,
         cache: SpanCache | None,
+        outputs: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         first = sub.start - self.blocks.start
         types = self.family.layer_types[sub.start : sub.end]
@@ -164,6 +180,8 @@ class Span(nn.Module):
         for layer, kwargs in zip(self.layers[first : first + len(sub)], all_kwargs, strict=True):
             out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out  # BLOOM, Falcon: (hidden, attn)
+            if outputs is not None:
+                outputs.append(hidden)
         return hidden
 
     def _sub_range(self, start: int | None, end: int | None) -> BlockRange:

@@ -4,7 +4,8 @@
 - `/petald/info/1.0.0`: model, span, dtype, limits, version.
 - `/petald/forward/1.0.0`: hidden states (batch, seq, hidden) through blocks [start, end) of the
   span (any sub-range), then optionally an attention mask (batch, seq) and, with header
-  `"positions": true`, position ids (batch, seq) last; answer: the output hidden states.
+  `"positions": true`, position ids (batch, seq) last; answer: the output hidden states, or with
+  `"all_hidden": true` every block's output stacked (blocks, batch, seq, hidden).
 - `/petald/backward/1.0.0`: the same inputs plus the gradient of the output; the server
   recomputes the forward (it keeps no activations between requests) and answers the gradient of
   the input hidden states. The blocks stay frozen.
@@ -206,8 +207,11 @@ class BlockHandlers:
         ):
             raise BadRequest("bad_grad", "the output gradient must have the hidden states' shape")
         flags = check_extras(header, tensors[required:], batch, seq, seq)
+        all_hidden = header.get("all_hidden", False)
+        if all_hidden not in (True, False) or (all_hidden and backward):
+            raise BadRequest("bad_request", "all_hidden is a boolean, for forward only")
         op = "backward" if backward else "forward"
-        return {"op": op, "start": start, "end": end, **flags}, codec
+        return {"op": op, "start": start, "end": end, "all_hidden": all_hidden, **flags}, codec
 
     async def _on_forward(self, stream: INetStream) -> None:
         await self._serve(stream, backward=False)

@@ -8,7 +8,9 @@ on the server between steps.
     server: {"ok": true, "step": id, "position": p + n} + [output]
     client: {"close": true}                                          (or just end the stream)
 
-`position` below the cached length rolls the cache back (speculative decoding, edits). A step
+`position` below the cached length rolls the cache back (speculative decoding, edits);
+`"reorder": [i, ...]` (one index per sequence) reorders the cache along the batch first (beam
+search). A step
 that repeats the last step's id and position is a retransmission: the stored answer is sent again
 and nothing is applied twice. A bad step gets an error reply and leaves the cache as it was.
 Tokens are reserved from the `CacheBudget` on open and returned however the session ends."""
@@ -130,7 +132,15 @@ class InferenceSessions:
                 "too_long", f"{position} + {n} tokens exceed max_length {session['max_length']}"
             )
         flags = check_extras(header, tensors[1:], batch, position + n, n)
-        return {"op": "step", "sid": session["sid"], "position": position, **flags}
+        reorder = header.get("reorder")
+        if reorder is not None and not (
+            isinstance(reorder, list)
+            and len(reorder) == batch
+            and all(type(i) is int and 0 <= i < batch for i in reorder)
+        ):
+            raise BadRequest("bad_reorder", f"reorder must list {batch} indices in [0, {batch})")
+        work = {"op": "step", "sid": session["sid"], "position": position, **flags}
+        return work | ({"reorder": reorder} if reorder is not None else {})
 
     async def _steps(self, stream: INetStream, sid: int, request: dict, codec: str) -> None:
         session = {**request, "sid": sid, "position": 0}

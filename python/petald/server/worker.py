@@ -10,9 +10,10 @@ end of a pipe that closes when the daemon dies. Messages are the
 same CBOR header + tensor frames as on the network (petald.wire.messages), one request at a time:
 
     worker: {"ok": true, "n_blocks", "hidden_size", ...}  once loaded (or {"error": ...})
-    daemon: {"op": "forward"|"backward", "start", "end", "mask", "positions"} + tensors
+    daemon: {"op": "forward"|"backward", "start", "end", "mask", "positions", "all_hidden"?}
+            + tensors
     daemon: {"op": "open", "sid", "batch", "max_length", "start", "end"}
-    daemon: {"op": "step", "sid", "position", "mask", "positions"} + tensors
+    daemon: {"op": "step", "sid", "position", "mask", "positions", "reorder"?} + tensors
     daemon: {"op": "close", "sid"} | {"op": "measure", "tokens"} | {"op": "memory"}
 
 The daemon validated every request at the edge; a request the span still refuses (ValueError)
@@ -126,6 +127,7 @@ class Compute:
                 end_block=header["end"],
                 attention_mask=mask,
                 position_ids=positions,
+                all_hidden=bool(header.get("all_hidden")),
             )
         return {"ok": True}, [out.to(hidden.dtype).cpu()]
 
@@ -160,6 +162,8 @@ class Compute:
             raise ValueError("unknown session")
         mask, positions = self._extras(header, tensors, 1)
         hidden = tensors[0]
+        if header.get("reorder") is not None:
+            cache.reorder(torch.tensor(header["reorder"], dtype=torch.long))
         out = self.span.step(
             hidden, cache, header["position"], attention_mask=mask, position_ids=positions
         )

@@ -140,3 +140,33 @@ def test_step_rejects_bad_positions_and_shapes(saved_model):
         span.new_cache(1, 4, start_block=2, end_block=2)
     with pytest.raises(ValueError, match="max_length"):
         span.new_cache(1, 0)
+
+
+def test_all_hidden_returns_every_block_output(family, saved_model, hidden_of, batch):
+    model, path = saved_model(family)
+    ids, mask = batch
+    hs = hidden_of(model, ids, mask)
+    span = load_span(path, (START, END), progress=False)
+    with torch.no_grad():
+        stacked = span(hs[START], attention_mask=mask, all_hidden=True)
+    assert stacked.shape == (END - START, *hs[START].shape)
+    for i, block in enumerate(range(START, END)):
+        close(stacked[i], hs[block + 1], mask)
+
+
+def test_reorder_moves_cached_sequences_like_beam_search(family, saved_model, hidden_of, batch):
+    """After reorder([2, 0, 0]) the cache holds sequences 2, 0, 0: the next step's outputs are
+    those of a session that had been fed the sequences in that order from the start."""
+    model, path = saved_model(family)
+    ids, mask = batch
+    hs = hidden_of(model, ids, mask)
+    span = load_span(path, (START, END), progress=False)
+    order = torch.tensor([2, 0, 0])
+    cache = span.new_cache(3, 16)
+    span.step(hs[START][:, :6], cache, 0, attention_mask=mask[:, :6])
+    cache.reorder(order)
+    x = hs[START][order, 6:7]
+    out = span.step(x, cache, 6, attention_mask=mask[order, :7])
+    close(out, hs[END][order, 6:7], mask[order, 6:7])
+    with pytest.raises(ValueError, match="reorder needs 3 indices"):
+        cache.reorder(torch.tensor([0, 3, 1]))
