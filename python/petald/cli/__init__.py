@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from petald import __version__
 from petald.cli.serve import add_arguments as add_serve_arguments
+from petald.cli.systemd import add_arguments as add_systemd_arguments
 from petald.errors import PetaldError
 
 if TYPE_CHECKING:  # importing py-libp2p costs ~2 s; `petald --help` should not pay it
@@ -67,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(serve)
     add_p2p_args(serve)
+    unit = sub.add_parser(
+        "systemd-unit",
+        help="print a systemd unit that runs a `petald serve` command as a service",
+        description="Print a systemd unit for the `petald serve` command given after --. "
+        "Example: petald systemd-unit -- serve /srv/llama --blocks 20:40 --device cuda "
+        "| sudo tee /etc/systemd/system/petald.service",
+    )
+    add_systemd_arguments(unit)
     status = sub.add_parser(
         "status",
         help="show what a swarm serves: models, block coverage, servers",
@@ -174,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging(args.log_level)
             return serve_run(p2p_config(args), args)
+        if args.command == "systemd-unit":
+            from petald.cli.systemd import render
+
+            serve_parser = argparse.ArgumentParser(prog="petald serve")
+            add_serve_arguments(serve_parser)
+            add_p2p_args(serve_parser)
+            print(render(args, serve_parser), end="")
+            return 0
         if args.command == "status":
             from petald.cli.status import run as status_run
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,9 @@ class Limits:
     max_batch: int = 64
     max_tokens: int = 8192  # batch * seq per forward
     request_timeout: float = 300.0  # seconds for reading, computing and answering one request
+    # Forward/backward requests one peer may have in flight: more only queues work that
+    # starves everyone else (a client splits batches, it does not flood).
+    max_requests_per_peer: int = 8
 
 
 class BadRequest(Exception):
@@ -98,6 +102,7 @@ class BlockHandlers:
         self.state = "joining"
         self.throughput = 0.0
         self.active = 0  # requests and sessions in progress (draining waits for 0)
+        self.in_flight: Counter[Any] = Counter()  # forward/backward requests per peer
         self._changed = trio.Event()
 
     @property
@@ -222,11 +227,19 @@ class BlockHandlers:
     async def _serve(self, stream: INetStream, *, backward: bool) -> None:
         """One request: read and validate, compute in the compute process, answer; errors are
         replies."""
+        peer = stream.muxed_conn.peer_id
         self.begin()
+        self.in_flight[peer] += 1
         try:
             with trio.move_on_after(self.limits.request_timeout):
-                await self._serve_one(stream, backward=backward)
+                if self.in_flight[peer] > self.limits.max_requests_per_peer:
+                    await refuse(stream, "too_many_requests", "wait for your other requests")
+                else:
+                    await self._serve_one(stream, backward=backward)
         finally:
+            self.in_flight[peer] -= 1
+            if not self.in_flight[peer]:
+                del self.in_flight[peer]
             self.end()
 
     async def _serve_one(self, stream: INetStream, *, backward: bool) -> None:
@@ -253,6 +266,13 @@ class BlockHandlers:
         except Exception as e:  # never let a peer's stream crash the daemon
             log.warning("%s request failed: %s", "backward" if backward else "forward", e)
             await reset_stream(stream)
+
+
+async def refuse(stream: INetStream, code: str, message: str) -> None:
+    """Answers with an error without reading the request (it may be large)."""
+    with contextlib.suppress(Exception):
+        await write_message(stream, {"error": code, "message": message})
+        await stream.close()
 
 
 async def reset_stream(stream: INetStream) -> None:
