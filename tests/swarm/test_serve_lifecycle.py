@@ -139,3 +139,27 @@ async def test_serving_half_the_blocks_costs_half_the_weights(tmp_path: Path) ->
         assert peak < 1.5 * weights + 64 * mib < whole + 64 * mib
     finally:
         stop_all(daemons)
+
+
+async def test_quantized_server_announces_int8_and_stays_close(tmp_path: Path) -> None:
+    path = tmp_path / "quant-llama"
+    model = save_tiny_llama(path, layers=2, hidden=128, intermediate=256, vocab=256)
+    boot = start_daemon("node", "--new-swarm", identity=tmp_path / "boot.key")
+    daemons = [boot]
+    try:
+        server = start_daemon(
+            "serve", str(path), "--blocks", "0:2", "--quant", "int8", "--throughput", "100",
+            "--initial-peers", boot.addr, identity=tmp_path / "q.key", ready_timeout=180,
+        )  # fmt: skip
+        daemons.append(server)
+        info = await info_of(server)
+        assert info["quant"] == "int8"
+        ids = torch.randint(0, 256, (1, 6))
+        with torch.no_grad():
+            hs = model(ids, output_hidden_states=True).hidden_states
+        answer, (out,) = await rpc_call(server, FORWARD_PROTOCOL, {"end": 1}, [hs[0]])
+        rel = ((out - hs[1]).norm() / hs[1].norm()).item()
+        print(f"int8 block 0 over the wire: relative error {rel:.4f}")
+        assert answer["ok"] and rel < 0.03
+    finally:
+        stop_all(daemons)
