@@ -15,9 +15,20 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from petald.server.adapters import LoRA, add_prompt, applied
 from petald.server.checkpoint import LoadStats
 from petald.server.families import Family
 from petald.types import BlockRange
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Per-call additions to the blocks (fine-tuning): deep prompts and a LoRA adapter, for the
+    blocks of the call's range; `position` is where the call's tokens start."""
+
+    prompts: torch.Tensor | None
+    lora: LoRA | None
+    position: int
 
 
 @dataclass
@@ -91,18 +102,24 @@ class Span(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         all_hidden: bool = False,
+        prompts: torch.Tensor | None = None,
+        lora: LoRA | None = None,
     ) -> torch.Tensor:
         """Run blocks [start_block, end_block) (default: the whole span) without a cache.
         `attention_mask` is (batch, seq) with 1 for real tokens and 0 for padding;
         `position_ids` defaults to 0..seq-1, as in the transformers model's forward.
-        `all_hidden`: return every block's output, stacked: (blocks, batch, seq, hidden)."""
+        `all_hidden`: return every block's output, stacked: (blocks, batch, seq, hidden).
+        `prompts` (blocks, batch|1, p, hidden) are added to each block's input at positions
+        [0, p); `lora` adds low-rank deltas to the blocks' linear layers for this call
+        (petald.server.adapters)."""
         sub = self._sub_range(start_block, end_block)
         hidden = self._input(hidden_states)
         batch, seq, _ = hidden.shape
         mask = self._mask(attention_mask, batch, seq)
         positions = self._positions(position_ids, batch, 0, seq)
         outputs: list[torch.Tensor] | None = [] if all_hidden else None
-        out = self._run(hidden, sub, mask, positions, None, outputs)
+        extras = Extras(prompts, lora, 0)
+        out = self._run(hidden, sub, mask, positions, None, outputs, extras)
         return torch.stack(outputs) if outputs is not None else out
 
     def new_cache(
@@ -132,6 +149,8 @@ class Span(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        lora: LoRA | None = None,
     ) -> torch.Tensor:
         """Run the cache's blocks on the tokens at [position, position + seq), attending to the
         `position` tokens already cached. A `position` below `cache.position` first rolls the
@@ -151,7 +170,8 @@ class Span(nn.Module):
         mask = self._mask(attention_mask, batch, position + seq)
         positions = self._positions(position_ids, batch, position, seq)
         try:
-            out = self._run(hidden, cache.blocks, mask, positions, cache)
+            extras = Extras(prompts, lora, position)
+            out = self._run(hidden, cache.blocks, mask, positions, cache, None, extras)
         except BaseException:
             cache.rollback(position)  # blocks that already stored this step's keys forget them
             raise
@@ -166,6 +186,7 @@ class Span(nn.Module):
         positions: torch.Tensor,
         cache: SpanCache | None,
         outputs: list[torch.Tensor] | None = None,
+        extras: Extras | None = None,
     ) -> torch.Tensor:
         first = sub.start - self.blocks.start
         types = self.family.layer_types[sub.start : sub.end]
@@ -177,11 +198,16 @@ class Span(nn.Module):
             position_ids=positions,
             cache=cache.kv if cache is not None else None,
         )
-        for layer, kwargs in zip(self.layers[first : first + len(sub)], all_kwargs, strict=True):
-            out = layer(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out  # BLOOM, Falcon: (hidden, attn)
-            if outputs is not None:
-                outputs.append(hidden)
+        layers = list(self.layers[first : first + len(sub)])
+        prompts = extras.prompts if extras is not None else None
+        with applied(layers, extras.lora if extras is not None else None):
+            for j, (layer, kwargs) in enumerate(zip(layers, all_kwargs, strict=True)):
+                if prompts is not None:
+                    hidden = add_prompt(hidden, prompts[j], extras.position)  # type: ignore[union-attr]
+                out = layer(hidden, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out  # BLOOM, Falcon: (hidden, attn)
+                if outputs is not None:
+                    outputs.append(hidden)
         return hidden
 
     def _sub_range(self, start: int | None, end: int | None) -> BlockRange:
