@@ -64,14 +64,17 @@ def _check_reply(peer: str, header: dict[str, Any], *, ok: bool = True) -> None:
         raise BadReply(peer, "neither ok nor error")
 
 
-def _check_tensor(peer: str, out: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The one tensor of an answer, which must have `like`'s shape and a float dtype; returned
-    in `like`'s dtype (a lossy codec may answer in another float type)."""
+def _check_tensor(
+    peer: str, out: list[torch.Tensor], like: torch.Tensor, shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """The one tensor of an answer, which must have `shape` (default: `like`'s) and a float
+    dtype; returned in `like`'s dtype (a lossy codec may answer in another float type)."""
     if len(out) != 1:
         raise BadReply(peer, f"{len(out)} tensors instead of 1")
     t = out[0]
-    if tuple(t.shape) != tuple(like.shape) or not t.dtype.is_floating_point:
-        raise BadReply(peer, f"answer {t.dtype} {tuple(t.shape)}, asked {tuple(like.shape)}")
+    want = tuple(like.shape) if shape is None else shape
+    if tuple(t.shape) != want or not t.dtype.is_floating_point:
+        raise BadReply(peer, f"answer {t.dtype} {tuple(t.shape)}, asked {want}")
     return t.to(like.dtype)
 
 
@@ -160,13 +163,19 @@ async def call_forward(
     *,
     mask: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    all_hidden: bool = False,
     timeout: float,
 ) -> torch.Tensor:
-    """`hidden` (batch, seq, hidden) through `blocks` on `peer`; same shape out."""
+    """`hidden` (batch, seq, hidden) through `blocks` on `peer`; same shape out, or with
+    `all_hidden` every block's output stacked: (len(blocks), batch, seq, hidden)."""
     tensors = [hidden]
     header = {"start": blocks.start, "end": blocks.end, **_extras(tensors, mask, positions)}
+    shape = None
+    if all_hidden:
+        header["all_hidden"] = True
+        shape = (len(blocks), *hidden.shape)
     _, out = await _one_shot(opener, peer, FORWARD_PROTOCOL, header, tensors, timeout=timeout)
-    return _check_tensor(peer, out, hidden)
+    return _check_tensor(peer, out, hidden, shape)
 
 
 async def call_backward(
@@ -234,13 +243,18 @@ class InferenceStream:
         *,
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        reorder: list[int] | None = None,
     ) -> torch.Tensor:
         """Runs `hidden` (batch, n, hidden) at `position`; a position below the server's cached
-        length rolls its cache back first. Any failure leaves the stream reset and closed."""
+        length rolls its cache back first, and `reorder` (one index per sequence) reorders the
+        cache along the batch before that (beam search). Any failure leaves the stream reset
+        and closed."""
         if self.closed:
             raise PeerUnavailable(f"{self.peer}: session stream is closed", peer=self.peer)
         tensors = [hidden]
         header = {"step": step_id, "position": position, **_extras(tensors, mask, positions)}
+        if reorder is not None:
+            header["reorder"] = reorder
         try:
             reply, out = await exchange(
                 self.stream, self.peer, header, tensors, timeout=self.timeout

@@ -85,10 +85,18 @@ class RemoteSequential:
         hidden: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        all_hidden: bool = False,
     ) -> torch.Tensor:
         """`hidden` (batch, seq, hidden) through the blocks; `attention_mask` (batch, seq) with 1
-        for real tokens, `position_ids` (batch or 1, seq)."""
-        return self.forward_traced(hidden, attention_mask, position_ids)[0]
+        for real tokens, `position_ids` (batch or 1, seq). With `all_hidden`, every block's
+        output stacked: (blocks, batch, seq, hidden) (`output_hidden_states`)."""
+        if not all_hidden:
+            return self.forward_traced(hidden, attention_mask, position_ids)[0]
+        check_inputs(hidden, attention_mask, position_ids, hidden.shape[0] if hidden.ndim else 0, 0)
+        attempts = _Attempts(self.client.config.max_attempts)
+        args = (self.blocks, hidden.detach(), attention_mask, position_ids, attempts, True)
+        return self.client.run(self._forward_range, *args)[0]
 
     __call__ = forward
 
@@ -137,8 +145,11 @@ class RemoteSequential:
         mask: torch.Tensor | None,
         positions: torch.Tensor | None,
         attempts: _Attempts,
+        all_hidden: bool = False,
     ) -> tuple[torch.Tensor, ForwardTrace]:
+        """The output of `blocks` (with `all_hidden`: every block's, stacked) and the trace."""
         client, trace = self.client, ForwardTrace()
+        outputs: list[torch.Tensor] = []  # with all_hidden: (hop blocks, batch, seq, hidden) each
         a = blocks.start
         while a < blocks.end:  # every round advances a or spends an attempt: bounded
             route = client.planner.plan_forward(
@@ -156,6 +167,7 @@ class RemoteSequential:
                         x,
                         mask=mask,
                         positions=positions,
+                        all_hidden=all_hidden,
                         timeout=client.config.request_timeout,
                     )
                 except Exception as e:
@@ -166,8 +178,11 @@ class RemoteSequential:
                     break  # plan again from `a` without that server
                 client.bans.succeeded(hop.peer_id)
                 trace.hops.append((hop.blocks, x))
+                if all_hidden:
+                    outputs.append(y)
+                    y = y[-1]
                 x, a = y, hop.blocks.end
-        return x, trace
+        return (torch.cat(outputs) if all_hidden else x), trace
 
     async def _backward_trace(
         self,

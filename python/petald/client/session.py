@@ -119,15 +119,30 @@ class InferenceSession:
         hidden: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        reorder: torch.Tensor | list[int] | None = None,
     ) -> torch.Tensor:
         """Runs `hidden` (batch, n, hidden) for the tokens at [position, position + n);
-        `attention_mask` is (batch, position + n): all tokens so far."""
+        `attention_mask` is (batch, position + n): all tokens so far. `reorder` (batch,)
+        first reorders the cached sequences (beam search): sequence i becomes the former
+        sequence reorder[i], on the servers and in the history replayed on failover."""
         if self._closed:
             raise SessionClosed("this inference session is closed")
         check_inputs(hidden, attention_mask, position_ids, self.batch, self._position)
         if self._position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{self._position} + {hidden.shape[1]} tokens exceed max_length")
-        return self.client.run(self._step, hidden.detach(), attention_mask, position_ids)
+        order = None if reorder is None else self._check_reorder(reorder)
+        return self.client.run(self._step, hidden.detach(), attention_mask, position_ids, order)
+
+    def _check_reorder(self, reorder: torch.Tensor | list[int]) -> list[int]:
+        order = torch.as_tensor(reorder).tolist()
+        if not (
+            isinstance(order, list)
+            and len(order) == self.batch
+            and all(type(i) is int and 0 <= i < self.batch for i in order)
+        ):
+            raise ValueError(f"reorder must list {self.batch} indices in [0, {self.batch})")
+        return order
 
     def rollback(self, position: int) -> None:
         """Forgets the tokens at `position` and after; the servers roll back on the next step."""
@@ -178,10 +193,30 @@ class InferenceSession:
         self._step_id += 1
         return self._step_id
 
+    def _reorder_history(self, order: list[int]) -> None:
+        """The history in the new batch order, as the servers' caches will hold it: a link
+        replaced during this step is rebuilt from it and needs no reorder of its own."""
+        index = torch.tensor(order)
+        self._history = {b: h.index_select(0, index) for b, h in self._history.items()}
+        if self._mask is not None:
+            self._mask = self._mask.index_select(0, index)
+        if self._positions is not None:
+            self._positions = self._positions.index_select(0, index)
+
     async def _step(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        order: list[int] | None = None,
     ) -> torch.Tensor:
         pos, n = self._position, hidden.shape[1]
+        identity = order is None or order == list(range(self.batch))
+        if not identity and pos:
+            assert order is not None
+            self._reorder_history(order)
+        # Links open before this step get the reorder; replacements are replayed reordered.
+        to_reorder = set() if identity or not pos else {id(link) for link in self._links}
         full_mask, full_positions = self._full_inputs(n, mask, position_ids)
         step_positions = full_positions[:, pos:] if full_positions is not None else None
         if not self._links:
@@ -195,7 +230,12 @@ class InferenceSession:
             t0 = trio.current_time()
             try:
                 y = await link.stream.step(
-                    self._next_id(), pos, x, mask=full_mask, positions=step_positions
+                    self._next_id(),
+                    pos,
+                    x,
+                    mask=full_mask,
+                    positions=step_positions,
+                    reorder=order if id(link) in to_reorder else None,
                 )
             except Exception as e:
                 if not is_server_failure(e):

@@ -1,0 +1,129 @@
+"""Every supported family's local parts (embeddings, final norm, LM head) around the blocks
+give the transformers model's logits, loss and hidden states for a left-padded batch, and
+generate() through a `RemoteCache` (greedy, beam search, seeded sampling) gives its tokens. The
+blocks run in process here (conftest); tests/swarm/test_models.py runs them on servers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from petald.models import LAYOUTS, DistributedModelForCausalLM, RemoteCache, layout_for
+from petald.models.checkpoint import model_name
+
+FAMILIES = [
+    "llama",
+    "llama_tied",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "falcon",
+    "bloom",
+]
+TOL = 1e-5
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 8), generator=gen)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_matches_transformers(distributed, family: str) -> None:
+    model, ref = distributed(family)
+    assert type(model).__name__ == f"Distributed{model.layout.family}ForCausalLM"
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+        want = ref(ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+    assert (got.logits[real] - want.logits[real]).abs().max() < TOL
+    assert abs(got.loss.item() - want.loss.item()) < TOL
+    assert len(got.hidden_states) == len(want.hidden_states)
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        assert (a[real] - b[real]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(do_sample=False),
+        dict(do_sample=False, num_beams=3, num_return_sequences=2),
+        dict(do_sample=True, temperature=0.7, top_k=30, top_p=0.9, repetition_penalty=1.2),
+    ],
+    ids=["greedy", "beam", "sampling"],
+)
+def test_generate_matches_transformers(distributed, family: str, options: dict) -> None:
+    model, ref = distributed(family)
+    ids, mask = padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=6, pad_token_id=0, **options)
+    torch.manual_seed(3)
+    got = model.generate(ids, **kw)
+    torch.manual_seed(3)
+    want = ref.generate(ids, **kw)
+    assert got.tolist() == want.tolist()
+    assert model.transformer_blocks.sessions[-1].closed  # generate's own session
+
+
+def test_session_reuses_the_common_prefix(distributed) -> None:
+    model, ref = distributed("llama")
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    with model.inference_session(max_length=40) as session:
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert session.position == 8  # 5 + 4 - 1: the last token was never fed
+        longer = torch.cat([out, torch.tensor([[7, 8, 9]])], 1)
+        out2 = model.generate(longer, max_new_tokens=4, do_sample=False)
+        assert session.session.stats.steps == (1 + 3) + (1 + 3)  # only new tokens computed
+        edited = longer.clone()
+        edited[0, 2] += 1
+        out3 = model.generate(edited, max_new_tokens=4, do_sample=False)
+        assert session.position == edited.shape[1] + 3
+    assert model.active_session is None
+    for prompt, got in [(longer, out2), (edited, out3)]:
+        assert got.tolist() == ref.generate(prompt, max_new_tokens=4, do_sample=False).tolist()
+
+
+def test_remote_cache_bookkeeping(distributed) -> None:
+    model, _ = distributed("llama")
+    with model.inference_session(max_length=16, batch=2) as cache:
+        assert isinstance(cache, RemoteCache) and cache.get_seq_length() == 0
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), past_key_values=cache)
+        cache.reorder_cache(torch.tensor([1, 1]))
+        assert cache.token_ids.tolist() == [[4, 5, 6], [4, 5, 6]]
+        cache.crop(-1)
+        assert cache.get_seq_length() == 2
+        with pytest.raises(ValueError, match="batch of 1 sequences; this session is for 2"):
+            RemoteCache(model.transformer_blocks, max_length=4, batch=2)._open(1)
+
+
+def test_unsupported_architecture_is_named() -> None:
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="unsupported architecture: model_type 'gpt2'"):
+        layout_for(GPT2Config())
+    assert {"llama", "mistral", "mixtral", "qwen2", "qwen3", "bloom", "falcon"} <= set(LAYOUTS)
+
+
+def test_model_name_is_the_servers(tmp_path) -> None:
+    (tmp_path / "My-Model").mkdir()
+    assert model_name(tmp_path / "My-Model") == "My-Model"
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"")
+    assert model_name(gguf) == "SmolLM2-135M-Instruct.Q4_1"
+    assert model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_generate_refuses_a_local_cache(distributed) -> None:
+    from transformers import DynamicCache
+
+    model, _ = distributed("llama")
+    with pytest.raises(ValueError, match="KV cache of a distributed model is on the servers"):
+        model.generate(torch.tensor([[1, 2]]), past_key_values=DynamicCache(), max_new_tokens=2)
+    assert isinstance(model, DistributedModelForCausalLM)
