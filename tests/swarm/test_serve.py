@@ -5,12 +5,14 @@ layers, refuses bad requests with error replies while it keeps serving, and anno
 
 from __future__ import annotations
 
+import json
 from contextlib import suppress
 from pathlib import Path
 
 import pytest
 import torch
 import trio
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from petald.server.handlers import FORWARD_PROTOCOL, INFO_PROTOCOL
@@ -39,8 +41,35 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaFor
     return path, model
 
 
+RANK = 4
+
+
+def peft_adapter(directory: Path, seed: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """A LoRA adapter on q_proj of every block, saved as peft saves it; returns {block: (A, B)}."""
+    gen = torch.Generator().manual_seed(seed)
+    weights, tensors = {}, {}
+    for block in range(4):
+        a, b = (
+            torch.randn(RANK, 64, generator=gen) * 0.1,
+            torch.randn(64, RANK, generator=gen) * 0.1,
+        )
+        prefix = f"base_model.model.model.layers.{block}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+        weights[block] = (a, b)
+    directory.mkdir(parents=True)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": 2 * RANK}))
+    return weights
+
+
 @pytest.fixture(scope="module")
-def served(tiny_llama, tmp_path_factory) -> list[DaemonProcess]:
+def adapter(tmp_path_factory) -> tuple[Path, dict]:
+    directory = tmp_path_factory.mktemp("adapters") / "french"
+    return directory, peft_adapter(directory, seed=5)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, adapter, tmp_path_factory) -> list[DaemonProcess]:
     path, _ = tiny_llama
     tmp = tmp_path_factory.mktemp("serve")
     boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
@@ -54,6 +83,8 @@ def served(tiny_llama, tmp_path_factory) -> list[DaemonProcess]:
             boot.addr,
             "--cache-tokens",
             "64",
+            "--adapters",
+            str(adapter[0]),
             identity=tmp / "server.key",
             ready_timeout=120,
         )
@@ -250,3 +281,78 @@ async def test_all_hidden_and_beam_reorder_over_the_wire(served, tiny_llama) -> 
         assert h["ok"] and (out - hs[3][[1, 1], 5:]).abs().max().item() < 1e-5
         bad, _ = await s.send({"step": 2, "position": 6, "reorder": [0, 2]}, [hs[1][:, :1]])
         assert bad["error"] == "bad_reorder"
+
+
+def merged_llama(model: LlamaForCausalLM, deltas: dict[int, torch.Tensor]) -> LlamaForCausalLM:
+    """A copy of `model` with q_proj.weight += delta in the given blocks."""
+    import copy
+
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for block, delta in deltas.items():
+            merged.model.layers[block].self_attn.q_proj.weight += delta
+    return merged
+
+
+async def test_client_lora_and_server_adapters_over_the_wire(served, tiny_llama, adapter) -> None:
+    """A client's LoRA tensors travel with its request, give the merged model's hidden states
+    and their gradients, and leave no trace for the next request; a server adapter is picked by
+    name; bad adapters are refused."""
+    from petald.server.handlers import BACKWARD_PROTOCOL
+
+    _, model = tiny_llama
+    server = served[1]
+    info, _ = await call(server, INFO_PROTOCOL, {})
+    assert info["adapters"] == ["french"]
+    ids = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(2, RANK, 64, generator=gen) * 0.1  # blocks 1:3
+    b = torch.randn(2, 64, RANK, generator=gen) * 0.1
+    lora = {"named": ["lora.self_attn.q_proj.A", "lora.self_attn.q_proj.B"], "lora_scale": 0.5}
+    header, (out,) = await call(server, FORWARD_PROTOCOL, {"end": 3, **lora}, [hs[1], a, b])
+    merged = merged_llama(model, {1: 0.5 * b[0] @ a[0], 2: 0.5 * b[1] @ a[1]})
+    with torch.no_grad():
+        ref = merged(ids, output_hidden_states=True).hidden_states
+    assert header["ok"] and (out - ref[3]).abs().max().item() < 1e-5
+    # The next request without LoRA is the plain model again.
+    _, (plain,) = await call(server, FORWARD_PROTOCOL, {"end": 3}, [hs[1]])
+    assert (plain - hs[3]).abs().max().item() < 1e-5
+
+    # Backward: input gradient and the gradients of A and B, as autograd on the client says.
+    g = torch.randn(2, 5, 64)
+    a_ref, b_ref = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    x = hs[1].clone().requires_grad_(True)
+    from petald.server.adapters import LoRA
+    from petald.server.loading import load_span
+
+    local = load_span(tiny_llama[0], (1, 3), progress=False)
+    local.forward(x, lora=LoRA({"self_attn.q_proj": (a_ref, b_ref)}, 0.5)).backward(g)
+    header, grads = await call(server, BACKWARD_PROTOCOL, {"end": 3, **lora}, [hs[1], g, a, b])
+    assert header["named"] == lora["named"] and len(grads) == 3
+    for mine, ref_grad in zip(grads, [x.grad, a_ref.grad, b_ref.grad], strict=True):
+        assert (mine - ref_grad).abs().max().item() < 1e-5
+
+    # The server's own adapter, by name: the merged model with its weights (scale alpha/r = 2).
+    weights = adapter[1]
+    header, (out,) = await call(server, FORWARD_PROTOCOL, {"active_adapter": "french"}, [hs[1]])
+    merged = merged_llama(model, {i: 2.0 * weights[i][1] @ weights[i][0] for i in (1, 2, 3)})
+    with torch.no_grad():
+        ref = merged(ids, output_hidden_states=True).hidden_states
+    _, (ref_last,) = await call(
+        server, FORWARD_PROTOCOL, {"end": 3, "active_adapter": "french"}, [hs[1]]
+    )
+    assert (ref_last - ref[3]).abs().max().item() < 1e-5
+
+    bad = [
+        ({"active_adapter": "german"}, [hs[1]], "bad_input"),
+        ({**lora}, [hs[1], a[:, :2], b], "bad_input"),  # rank 2 A with rank 4 B
+        ({"named": ["lora.self_attn.q_proj.A"]}, [hs[1], a], "bad_input"),  # no B
+        ({"named": ["lora.x;y.A"]}, [hs[1], a], "bad_named"),
+        ({"named": ["prompts"]}, [hs[1], torch.zeros(3, 1, 2, 64)], "bad_input"),  # 3 blocks?
+        ({**lora, "active_adapter": "french"}, [hs[1], a, b], "bad_input"),
+    ]
+    for extra, tensors, code in bad:
+        answer, _ = await call(server, FORWARD_PROTOCOL, {"end": 3, **extra}, tensors)
+        assert answer.get("error") == code, (extra, answer)

@@ -31,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant", default="none", choices=QUANT_MODES, help="quantize the linear layers"
     )
+    p.add_argument(
+        "--adapters",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="LoRA adapters (peft directories, safetensors) that clients may select by name "
+        "(the directory name) per request",
+    )
     p.add_argument("--model-name", help="announce under this name (default: from MODEL)")
     p.add_argument("--public-name", default="", help="a name shown in `petald status`")
     p.add_argument(
@@ -80,6 +88,11 @@ def serve_config(args: argparse.Namespace):  # -> ServeConfig (imported lazily)
             ok = False
         if not ok:
             raise ValueError("--throughput must be auto, eval or a positive number of tokens/s")
+    for directory in args.adapters:
+        if not (Path(directory) / "adapter_model.safetensors").is_file():
+            raise ValueError(f"--adapters {directory}: no adapter_model.safetensors there")
+    if len({Path(d).name for d in args.adapters}) != len(args.adapters):
+        raise ValueError("--adapters: two adapters have the same directory name")
     if args.drain_timeout < 0:
         raise ValueError("--drain-timeout must be >= 0")
     return ServeConfig(
@@ -90,6 +103,7 @@ def serve_config(args: argparse.Namespace):  # -> ServeConfig (imported lazily)
         dtype=args.dtype,
         device=args.device,
         quant=args.quant,
+        adapters=tuple(str(Path(d).resolve()) for d in args.adapters),
         cache_tokens=args.cache_tokens,
         throughput=args.throughput,
         drain_timeout=args.drain_timeout,

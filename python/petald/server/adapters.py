@@ -148,3 +148,30 @@ def load_peft_adapter(directory: Path, blocks: range, block_modules: Sequence[nn
     lora = LoRA(weights, scale)
     check_lora(lora, block_modules)
     return lora
+
+
+def split_named(
+    header: dict, tensors: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """(the regular tensors, the named ones): the last len(header["named"]) tensors are named.
+    The daemon checked the names' form and count; shapes are checked against the blocks."""
+    names = header.get("named") or []
+    if not names:
+        return tensors, {}
+    return tensors[: -len(names)], dict(zip(names, tensors[-len(names) :], strict=True))
+
+
+def from_named(
+    named: dict[str, torch.Tensor], scale: float
+) -> tuple[torch.Tensor | None, LoRA | None]:
+    """(deep prompts, client LoRA) from the named tensors of a request."""
+    prompts = named.get("prompts")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in named.items():
+        if name.startswith("lora."):
+            target, _, which = name[len("lora.") :].rpartition(".")
+            pairs.setdefault(target, {})[which] = t
+    if any(set(ab) != {"A", "B"} for ab in pairs.values()):
+        raise ValueError("every LoRA target needs both lora.<target>.A and lora.<target>.B")
+    lora = LoRA({t: (ab["A"], ab["B"]) for t, ab in pairs.items()}, float(scale)) if pairs else None
+    return prompts, lora

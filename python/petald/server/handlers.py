@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +55,45 @@ class Limits:
     max_requests_per_peer: int = 8
 
 
+# Named fine-tuning tensors per request: deep prompts plus A/B for up to 8 LoRA targets.
+MAX_NAMED = 17
+_NAMED = re.compile(r"^(prompts|lora\.[A-Za-z_][A-Za-z0-9_.]{0,100}\.[AB])$")
+
+
 class BadRequest(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def check_tuning(
+    header: dict[str, Any], tensors: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Splits off the named fine-tuning tensors (petald.server.adapters) and checks their
+    names and the header fields that go with them; returns (the regular tensors, the header
+    fields for the compute process, which checks shapes against the blocks)."""
+    named = header.get("named", [])
+    if not isinstance(named, list) or len(named) > MAX_NAMED or len(set(named)) != len(named):
+        raise BadRequest("bad_named", f"named: a list of at most {MAX_NAMED} distinct names")
+    if not all(isinstance(n, str) and _NAMED.match(n) for n in named):
+        raise BadRequest("bad_named", "names are 'prompts' or 'lora.<layer path>.A|B'")
+    if len(named) >= len(tensors):
+        raise BadRequest("bad_tensors", "the named tensors come after the regular ones")
+    for n, t in zip(named, tensors[len(tensors) - len(named) :], strict=True):
+        if not t.dtype.is_floating_point or not 2 <= t.dim() <= 4:
+            raise BadRequest("bad_named", f"{n} must be a floating-point tensor of 2 to 4 dims")
+    fields: dict[str, Any] = {"named": named} if named else {}
+    scale = header.get("lora_scale", 1.0)
+    if type(scale) not in (int, float) or not abs(scale) <= 1e4:
+        raise BadRequest("bad_named", "lora_scale must be a number of magnitude <= 1e4")
+    if scale != 1.0:
+        fields["lora_scale"] = float(scale)
+    adapter = header.get("active_adapter")
+    if adapter is not None:
+        if not isinstance(adapter, str) or not 0 < len(adapter) <= 128:
+            raise BadRequest("bad_adapter", "active_adapter must be an adapter's name")
+        fields["active_adapter"] = adapter
+    return tensors[: len(tensors) - len(named)], fields
 
 
 def check_extras(
@@ -118,6 +154,7 @@ class BlockHandlers:
             "hidden_size": w["hidden_size"],
             "dtype": w["dtype"],
             "quant": w["quant"],
+            "adapters": w.get("adapters", []),
             "state": self.state,
             "throughput": self.throughput,
             "cache_tokens_free": self.budget.free_tokens,
@@ -193,6 +230,7 @@ class BlockHandlers:
     ) -> tuple[dict[str, Any], str]:
         """The request for the compute process, and the reply codec."""
         start, end = self.check_blocks(header)
+        tensors, tuning = check_tuning(header, tensors)
         codec = header.get("codec", "none")
         if codec not in CODECS:
             raise BadRequest("bad_codec", f"codec must be one of {CODECS}")
@@ -216,7 +254,8 @@ class BlockHandlers:
         if all_hidden not in (True, False) or (all_hidden and backward):
             raise BadRequest("bad_request", "all_hidden is a boolean, for forward only")
         op = "backward" if backward else "forward"
-        return {"op": op, "start": start, "end": end, "all_hidden": all_hidden, **flags}, codec
+        request = {"op": op, "start": start, "end": end, "all_hidden": all_hidden}
+        return request | flags | tuning, codec
 
     async def _on_forward(self, stream: INetStream) -> None:
         await self._serve(stream, backward=False)
@@ -257,7 +296,8 @@ class BlockHandlers:
             if "error" in reply:
                 await write_message(stream, reply)
             else:
-                await write_message(stream, {"ok": True}, out, codec=codec)
+                answer = {"ok": True} | ({"named": reply["named"]} if reply.get("named") else {})
+                await write_message(stream, answer, out, codec=codec)
             await stream.close()
         except (MessageError, FrameError, CodecError) as e:
             with contextlib.suppress(Exception):

@@ -28,7 +28,14 @@ from libp2p.abc import IHost, INetStream
 
 from petald.errors import CodecError, FrameError, MessageError
 from petald.server.executor import INFERENCE
-from petald.server.handlers import CODECS, BadRequest, BlockHandlers, check_extras, reset_stream
+from petald.server.handlers import (
+    CODECS,
+    BadRequest,
+    BlockHandlers,
+    check_extras,
+    check_tuning,
+    reset_stream,
+)
 from petald.server.memory import MAX_SESSIONS_PER_PEER, SESSION_IDLE_TIMEOUT, Busy
 from petald.wire.messages import read_message, write_message
 from petald.wire.protocols import INFERENCE_PROTOCOL
@@ -124,6 +131,7 @@ class InferenceSessions:
             )
         if not tensors:
             raise BadRequest("bad_step", "send {step, position} + [hidden, mask?, positions?]")
+        tensors, tuning = check_tuning(header, tensors)
         batch, n = self.blocks.check_hidden(tensors[0])
         if batch != session["batch"]:
             raise BadRequest("bad_shape", f"the session is for a batch of {session['batch']}")
@@ -139,7 +147,7 @@ class InferenceSessions:
             and all(type(i) is int and 0 <= i < batch for i in reorder)
         ):
             raise BadRequest("bad_reorder", f"reorder must list {batch} indices in [0, {batch})")
-        work = {"op": "step", "sid": session["sid"], "position": position, **flags}
+        work = {"op": "step", "sid": session["sid"], "position": position, **flags, **tuning}
         return work | ({"reorder": reorder} if reorder is not None else {})
 
     async def _steps(self, stream: INetStream, sid: int, request: dict, codec: str) -> None:

@@ -38,6 +38,7 @@ class ServeConfig:
     dtype: str = "auto"
     device: str = "cpu"
     quant: str = "none"
+    adapters: tuple[str, ...] = ()  # peft LoRA directories clients may select by name
     cache_tokens: int | None = None
     throughput: str = "auto"  # auto (cached or measured), eval (measure again), or tokens/s
     drain_timeout: float = 60.0
@@ -107,7 +108,7 @@ class BlockServer:
     async def _start_span(self, nursery: trio.Nursery, span: BlockRange) -> None:
         c = self.config
         spec = {"source": c.source, "blocks": [span.start, span.end], "dtype": c.dtype}
-        spec |= {"device": c.device, "quant": c.quant}
+        spec |= {"device": c.device, "quant": c.quant, "adapters": list(c.adapters)}
         executor = Executor(spec)
         self._announce_joining(span)
         t0 = trio.current_time()
@@ -183,6 +184,7 @@ class BlockServer:
             cache_tokens_free=h.budget.free_tokens,
             dtype=w["dtype"],
             quant=w["quant"],
+            adapters=tuple(w.get("adapters", ())),
         )
         assert self.stack.announcer is not None
         self.stack.announcer.announce(info)

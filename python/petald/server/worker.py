@@ -30,12 +30,14 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import trio
 
 from petald.errors import MessageError
+from petald.server.adapters import LoRA, check_lora, from_named, load_peft_adapter, split_named
 from petald.server.blocks import Span, SpanCache
 from petald.server.ipc import TrioByteStream
 from petald.server.loading import load_span
@@ -63,9 +65,10 @@ def rss_bytes() -> int:
 class Compute:
     """The span and its inference caches, by session id."""
 
-    def __init__(self, span: Span) -> None:
+    def __init__(self, span: Span, adapters: dict[str, LoRA] | None = None) -> None:
         self.span = span
         self.caches: dict[int, SpanCache] = {}
+        self.adapters = adapters or {}  # --adapters, by name
 
     def describe(self) -> dict[str, Any]:
         cfg = self.span.config
@@ -83,6 +86,7 @@ class Compute:
             "device": str(self.span.device),
             "weight_bytes": weights,
             # Keys and values of every block of the span, for one token.
+            "adapters": sorted(self.adapters),
             "kv_bytes_per_token": 2 * len(self.span.blocks) * kv_heads * head_dim * itemsize,
             "rss": rss_bytes(),
             "peak_rss": peak_rss_bytes(),
@@ -111,14 +115,45 @@ class Compute:
             return {"error": "bad_input", "message": str(e)}, []
 
     def _extras(self, header: dict[str, Any], tensors: list[torch.Tensor], first: int) -> tuple:
-        """(mask, position_ids) after the first `first` tensors, as flagged in the header."""
-        rest = tensors[first:]
+        """(mask, position_ids, named tensors) after the first `first` tensors, as flagged in
+        the header; named tensors (fine-tuning) come last."""
+        rest, named = split_named(header, tensors)
+        rest = rest[first:]
         positions = rest.pop() if header.get("positions") else None
         mask = rest.pop() if header.get("mask") else None
-        return mask, positions
+        return mask, positions, named
+
+    def _tuning(self, header: dict[str, Any], named: dict, start: int, end: int) -> tuple:
+        """(prompts, lora) for blocks [start, end): the client's own, or a server adapter."""
+        prompts, lora = from_named(named, header.get("lora_scale", 1.0))
+        name = header.get("active_adapter")
+        if name is not None:
+            if lora is not None:
+                raise ValueError("send LoRA tensors or name an active_adapter, not both")
+            if name not in self.adapters:
+                raise ValueError(
+                    f"unknown adapter {name!r}; this server has {sorted(self.adapters)}"
+                )
+            first = self.span.blocks.start
+            lora = self.adapters[name].slice(start - first, end - first)
+        n = end - start
+        blocks = list(self.span.layers[start - self.span.blocks.start :][:n])
+        if lora is not None and name is None:
+            check_lora(lora, blocks)
+        if prompts is not None and (
+            prompts.dim() != 4
+            or prompts.shape[0] != n
+            or prompts.shape[-1] != self.span.config.hidden_size
+            or not prompts.dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"prompts must be a float (blocks={n}, batch|1, length, hidden) tensor"
+            )
+        return prompts, lora
 
     def _forward(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> Reply:
-        mask, positions = self._extras(header, tensors, 1)
+        mask, positions, named = self._extras(header, tensors, 1)
+        prompts, lora = self._tuning(header, named, header["start"], header["end"])
         hidden = tensors[0]
         with torch.inference_mode():
             out = self.span.forward(
@@ -128,12 +163,18 @@ class Compute:
                 attention_mask=mask,
                 position_ids=positions,
                 all_hidden=bool(header.get("all_hidden")),
+                prompts=prompts,
+                lora=lora,
             )
         return {"ok": True}, [out.to(hidden.dtype).cpu()]
 
     def _backward(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> Reply:
-        mask, positions = self._extras(header, tensors, 2)
+        """Input gradients, and the gradients of the client's prompts and LoRA tensors (in the
+        order they were named); a server adapter stays frozen like the blocks."""
+        mask, positions, named = self._extras(header, tensors, 2)
         hidden, grad = tensors[0], tensors[1]
+        trainable = {k: v.detach().requires_grad_(True) for k, v in named.items()}
+        prompts, lora = self._tuning(header, trainable, header["start"], header["end"])
         x = hidden.to(self.span.dtype).detach().requires_grad_(True)
         with torch.enable_grad():
             out = self.span.forward(
@@ -142,9 +183,16 @@ class Compute:
                 end_block=header["end"],
                 attention_mask=mask,
                 position_ids=positions,
+                prompts=prompts,
+                lora=lora,
             )
-            (grad_in,) = torch.autograd.grad(out, x, grad.to(out.dtype))
-        return {"ok": True}, [grad_in.to(hidden.dtype).cpu()]
+            inputs = [x, *trainable.values()]
+            grads = torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
+        result = [
+            (g if g is not None else torch.zeros_like(t)).to(t.dtype).cpu()
+            for g, t in zip(grads, [hidden, *named.values()], strict=True)
+        ]
+        return {"ok": True, "named": list(named)}, result
 
     def _open(self, header: dict[str, Any]) -> Reply:
         cache = self.span.new_cache(
@@ -160,12 +208,19 @@ class Compute:
         cache = self.caches.get(header["sid"])
         if cache is None:
             raise ValueError("unknown session")
-        mask, positions = self._extras(header, tensors, 1)
+        mask, positions, named = self._extras(header, tensors, 1)
+        prompts, lora = self._tuning(header, named, cache.blocks.start, cache.blocks.end)
         hidden = tensors[0]
         if header.get("reorder") is not None:
             cache.reorder(torch.tensor(header["reorder"], dtype=torch.long))
         out = self.span.step(
-            hidden, cache, header["position"], attention_mask=mask, position_ids=positions
+            hidden,
+            cache,
+            header["position"],
+            attention_mask=mask,
+            position_ids=positions,
+            prompts=prompts,
+            lora=lora,
         )
         return {"ok": True, "position": cache.position}, [out.to(hidden.dtype).cpu()]
 
@@ -214,7 +269,15 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
     except Exception as e:  # the daemon prints it and exits with a clear message
         await write_message(stream, {"error": type(e).__name__, "message": str(e)})
         return
-    compute = Compute(span)
+    try:
+        adapters = {
+            Path(p).name: load_peft_adapter(Path(p), range(*spec["blocks"]), list(span.layers))
+            for p in spec.get("adapters", [])
+        }
+    except (OSError, ValueError, KeyError) as e:
+        await write_message(stream, {"error": "AdapterError", "message": str(e)})
+        return
+    compute = Compute(span, adapters)
     await write_message(stream, {"ok": True, "baseline_rss": baseline, **compute.describe()})
     while True:
         try:

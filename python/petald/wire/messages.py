@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 # A header carries a handful of numbers and names; 64 KiB is generous and bounds the read.
 MAX_HEADER_BYTES = 64 * 1024
-# Tensors per message: hidden states, a mask, position ids, gradients — never dozens.
-MAX_TENSORS = 8
+# Tensors per message: hidden states, a mask, position ids, gradients, and for fine-tuning deep
+# prompts and A/B pairs of up to 8 LoRA targets (and their gradients) — never hundreds.
+MAX_TENSORS = 24
 # A varint longer than this encodes more than 2^63: refuse before reading further.
 MAX_VARINT_BYTES = 9
 
