@@ -55,7 +55,7 @@ def swarm(tiny, tmp_path_factory) -> Iterator[DaemonProcess]:
             args += ["--throughput", "100", "--reachability", "public", "--cache-tokens", "4096"]
             servers.append(spawn_daemon("serve", *args, identity=tmp / f"{name}.key"))
         with ThreadPoolExecutor(len(servers)) as pool:  # they load in parallel
-            list(pool.map(lambda d: d.wait_ready(120), servers))
+            list(pool.map(lambda d: d.wait_ready(240), servers))
         yield boot
     finally:
         stop_all([*servers, boot])
