@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, TextStreamer
 
 from petald import AutoDistributedModelForCausalLM
 from petald.client import ClientConfig, SwarmClient
@@ -163,14 +163,19 @@ def smollm2() -> tuple[Path, object, object]:
     return gguf, tokenizer, local
 
 
-def test_smollm2_answers_like_the_local_model(smollm2, client) -> None:
+def test_smollm2_answers_like_the_local_model(smollm2, swarm, capsys) -> None:
+    """Joins the swarm itself (initial_peers), streams with TextStreamer, leaves on close()."""
     gguf, tokenizer, local = smollm2
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    model = AutoDistributedModelForCausalLM.from_pretrained(gguf, client=client)
-    got = model.generate(ids, max_new_tokens=20, do_sample=False)
     want = local.generate(ids, max_new_tokens=20, do_sample=False)
+    expected = tokenizer.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
+    with AutoDistributedModelForCausalLM.from_pretrained(gguf, initial_peers=[swarm.addr]) as model:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        got = model.generate(ids, max_new_tokens=20, do_sample=False, streamer=streamer)
+    assert model._client is not None and model._client._closed
     text = tokenizer.decode(got[0, ids.shape[1] :], skip_special_tokens=True)
-    assert text == tokenizer.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
+    assert text == expected
     assert text.strip() == "The capital of France is Paris."
+    assert capsys.readouterr().out.strip() == text.strip()  # streamed as it was generated

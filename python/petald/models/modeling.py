@@ -195,6 +195,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if isinstance(cache, RemoteCache) and cache.max_length is None:
             cache.max_length = max_cache_length  # the session this generate() opened
+        elif isinstance(cache, RemoteCache) and max_cache_length > cache.max_length:
+            raise ValueError(
+                f"this inference session holds {cache.max_length} tokens per sequence; this "
+                f"generate() may need {max_cache_length}: lower max_new_tokens or open the "
+                "session with a larger max_length"
+            )
         return super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )

@@ -127,3 +127,37 @@ def test_generate_refuses_a_local_cache(distributed) -> None:
     with pytest.raises(ValueError, match="KV cache of a distributed model is on the servers"):
         model.generate(torch.tensor([[1, 2]]), past_key_values=DynamicCache(), max_new_tokens=2)
     assert isinstance(model, DistributedModelForCausalLM)
+
+
+def test_stopping_criteria_and_streamer(distributed) -> None:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self) -> None:
+            self.puts: list[list[int]] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self) -> None:
+            self.puts.append([])
+
+    class ThreeNew(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 8, dtype=torch.bool)
+
+    model, ref = distributed("llama")
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    streamer = Collect()
+    stop = StoppingCriteriaList([ThreeNew()])
+    got = model.generate(ids, max_new_tokens=10, stopping_criteria=stop, streamer=streamer)
+    want = ref.generate(ids, max_new_tokens=10, stopping_criteria=stop)
+    assert got.tolist() == want.tolist() and got.shape[1] == 8
+    assert streamer.puts == [ids[0].tolist(), *([t] for t in got[0, 5:].tolist()), []]
+
+
+def test_a_session_too_short_for_generate_is_refused(distributed) -> None:
+    model, _ = distributed("llama")
+    with model.inference_session(max_length=8), pytest.raises(ValueError, match="holds 8 tokens"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=10)
