@@ -166,6 +166,9 @@ class GGUFBlocks:
         self._names = _gguf_names(meta_model, self._processor)
         self._stats = stats
         stats.files.append(path.name)
+        # The metadata (a tokenizer's worth of small arrays, ~150 MB of Python objects for a
+        # 49k vocabulary) is no longer needed: free it before the weights come in.
+        self._reader.fields.clear()
         self._blocks: dict[int, list[Any]] = {}
         for tensor in self._reader.tensors:
             if m := re.match(r"^blk\.(\d+)\.", tensor.name):
