@@ -79,6 +79,7 @@ fmt:
 bench: setup
     "{{py}}" bench/bench_core.py
     "{{py}}" bench/bench_p2p.py 2>/dev/null
+    "{{py}}" bench/bench_serve.py 2>/dev/null
 
 # Regenerate the committed Python code for proto/ (pinned protoc; tests fail on drift).
 proto:
