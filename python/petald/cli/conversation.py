@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from petald.cli.local_swarm import LocalSwarm, LocalSwarmConfig, demo_model
+from petald.errors import RoutingError
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,6 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
     seconds); everything it started is stopped when the block ends. With a local swarm, the
     tokenizer and the client's share of the model load while the servers load theirs."""
     source = config.model or str(demo_model())
-    tokenizer = Background(load_tokenizer, source)  # needs nothing from the swarm
     with ExitStack() as stack:
         t0 = time.monotonic()
         peers, name, swarm, wait = list(config.initial_peers), config.model_name, None, config.wait
@@ -171,11 +171,17 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
             swarm = stack.enter_context(LocalSwarm(swarm_config))
             peers, name = swarm.initial_peers, swarm.model_name
             wait += swarm_config.ready_timeout  # it waits while the servers load
+        # Started once the servers are: before, it would slow the node's start for nothing.
+        tokenizer = Background(load_tokenizer, source)
         model = Background(_load_model, source, peers, name, wait)
         stack.callback(model.close)
         if swarm is not None:
             swarm.wait_ready()
-        chat = Conversation(config, model.result(), tokenizer.result())
+        try:
+            loaded = model.result()
+        except RoutingError as e:
+            raise _with_remedy(e, source, peers, name) from None
+        chat = Conversation(config, loaded, tokenizer.result())
         stack.callback(chat.close)
         chat.swarm = swarm
         chat.timings.swarm = swarm.start_seconds if swarm else 0.0
@@ -192,6 +198,19 @@ def _load_model(source: str, peers: list[str], name: str | None, wait: float) ->
         source, initial_peers=peers, model_name=name, wait_timeout=wait
     )
     return model.eval()
+
+
+def _with_remedy(e: RoutingError, source: str, peers: list[str], name: str | None) -> RoutingError:
+    """The error, plus the command that would fill the gap, when blocks are missing."""
+    if not e.missing:
+        return e
+    gaps = " ".join(f"{a}:{b}" for a, b in e.missing)
+    first = f"{e.missing[0][0]}:{e.missing[0][1]}"
+    named = f" --model-name {name}" if name else ""
+    fix = f"petald serve {source} --blocks {first}{named} --initial-peers {peers[0]}"
+    return RoutingError(
+        f"{e}\nthe swarm lacks blocks {gaps}; serve them, e.g.: {fix}", missing=e.missing
+    )
 
 
 class Background:

@@ -12,6 +12,7 @@ its own share meanwhile; `swarm.wait_ready()` then waits for the servers."""
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import signal
 import sys
@@ -202,9 +203,31 @@ class LocalSwarm:
 
 
 def _num_blocks(model: str) -> int:
-    from petald.server.loading import read_config
+    """The model's number of transformer blocks. A GGUF file's header and a directory's
+    config.json are read directly: transformers' config loader costs ~15 s of imports and GGUF
+    parsing on a small machine, while the user waits for the servers to even start."""
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from gguf import GGUFReader
 
-    return int(read_config(model).num_hidden_layers)
+        fields = GGUFReader(str(path)).fields
+        arch = fields.get("general.architecture")
+        count = fields.get(f"{_text(arch)}.block_count") if arch else None
+        if count is not None:
+            return int(count.parts[count.data[0]][0])
+    elif (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        config = config.get("text_config", config)
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(config.get(key), int):
+                return config[key]
+    from petald.server.loading import read_config  # a Hub id, or a layout not known above
+
+    return int(read_config(model).get_text_config().num_hidden_layers)
+
+
+def _text(field) -> str:
+    return bytes(field.parts[field.data[0]]).decode()
 
 
 class _signals_exit:
