@@ -99,6 +99,7 @@ class Announcer:
         # then on a late joiner finds it, whatever gossip dropped.
         self.published = trio.Event()
         self._last_published: ServerInfo | None = None
+        self._retry_soon = False
         self._publish_done = trio.Event()
 
     def _notify(self) -> None:
@@ -213,15 +214,24 @@ class Announcer:
             ]
             self._blocks_info, self._blocks_due = info, now + self.config.ttl / 2
         limiter = trio.CapacityLimiter(4)  # bounded fan-out of DHT puts
+        stored = []
 
         async def put(r: SignedRecord) -> None:
             async with limiter:
-                await self.dht.put(r)
+                acked = await self.dht.put(r)
+            if r is record:
+                stored.append(acked)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(put, record)
             for r in blocks:
                 nursery.start_soon(put, r)
+        if not stored or (stored[0] == 0 and len(self.dht.table) > 0):
+            # No peer took the model record (timeouts on a loaded machine): a late joiner would
+            # not find us. Try again in a second, not a heartbeat, and do not claim "published".
+            self._blocks_info = None
+            self._retry_soon = True
+            return
         self.published.set()
         self._last_published = info
         self._publish_done.set()
@@ -236,7 +246,9 @@ class Announcer:
 
     async def _heartbeat(self) -> None:
         while True:
-            with trio.move_on_after(self.config.heartbeat):
+            wait = min(1.0, self.config.heartbeat) if self._retry_soon else self.config.heartbeat
+            self._retry_soon = False
+            with trio.move_on_after(wait):
                 await self._changed.wait()
             self._changed = trio.Event()
             if self._info is not None:
