@@ -112,3 +112,9 @@ def distributed(tmp_path_factory: pytest.TempPathFactory):
         return made[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def local_blocks() -> type[LocalBlocks]:
+    """The stand-in class itself (test modules cannot import from conftest)."""
+    return LocalBlocks

@@ -161,3 +161,19 @@ def test_a_session_too_short_for_generate_is_refused(distributed) -> None:
     model, _ = distributed("llama")
     with model.inference_session(max_length=8), pytest.raises(ValueError, match="holds 8 tokens"):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=10)
+
+
+def test_local_parts_in_another_dtype(tmp_path, local_blocks) -> None:
+    """bfloat16 local parts around float32 blocks: hidden states cross in the local dtype and
+    come back in it (what a CUDA client with torch_dtype=bfloat16 does, minus the device)."""
+    from petald.models.auto import build
+    from petald.server.loading import load_span
+    from petald.testing.models import save_tiny_llama
+
+    save_tiny_llama(tmp_path, layers=2)
+    span = load_span(tmp_path, (0, 2), progress=False)
+    model = build(DistributedModelForCausalLM, tmp_path, local_blocks(span), dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+    assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
