@@ -42,9 +42,10 @@ setup:
 build:
     maturin develop -q --release --uv
 
-# The main job. For now: show the Rust core (framing, codecs, routing table) at work.
+# The main job: a local swarm (two `petald serve` processes, each half of SmolLM2-135M-Instruct)
+# answers a question through both servers; everything it started is stopped at the end.
 demo: setup
-    petald core-demo
+    petald demo
 
 # All tests: Rust, then Python.
 test: setup test-rs test-py

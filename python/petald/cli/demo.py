@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from petald.cli.chat import add_model_arguments
 
@@ -36,14 +37,22 @@ def run(args: argparse.Namespace) -> int:
             spans = ", ".join(f"{s} on server {i}" for i, s in enumerate(chat.swarm.spans))
             print(f"swarm:    {blocks.n_blocks} blocks of {blocks.model} ({spans})")
             print(f"          online in {t.swarm:.1f} s (loading dominates)")
-        print(f"client:   embeddings and LM head loaded in {t.load:.1f} s")
+        if chat.swarm is not None:
+            print(f"client:   local parts of the model and tokenizer ready {t.load:.1f} s later")
+        else:
+            print(f"client:   joined the swarm and loaded in {t.load:.1f} s")
+        n = len(chat.swarm.pids) if chat.swarm is not None else 0
         print(f"question: {args.question}")
         print("answer:   ", end="", flush=True)
         streamer = TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
         chat.ask(args.question, streamer=streamer)
-        rate = t.new_tokens / t.generate if t.generate > 0 else 0.0
-        print(f"generated {t.new_tokens} tokens in {t.generate:.1f} s ({rate:.1f} tokens/s)")
+        print(
+            f"timing:   first token {t.first_token:.1f} s after the question ({t.prompt_tokens} "
+            f"prompt tokens), then {t.tokens_per_second:.1f} tokens/s; {t.new_tokens} tokens "
+            f"in {t.generate:.1f} s"
+        )
         sys.stdout.flush()
-    if config.initial_peers == ():
-        print("stopped the local swarm")
+        t0 = time.monotonic()
+    if n:
+        print(f"stopped:  the local swarm's {n} processes, in {time.monotonic() - t0:.1f} s")
     return 0
