@@ -26,7 +26,13 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
 # Loaded on first access (they import torch and transformers).
-_LAZY = {"AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "RemoteCache"}
+_LAZY = {
+    "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
+    "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
+    "RemoteCache",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -39,9 +45,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
     "ClosestPeersLookup",
     "CodecError",
     "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
     "FrameError",
     "PeerUnavailable",
     "PetaldError",

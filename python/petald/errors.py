@@ -80,6 +80,8 @@ BAD_INPUT_CODES = frozenset(
         "bad_length",
         "bad_step",
         "bad_input",
+        "bad_named",  # fine-tuning tensors (names, count, dtype, lora_scale)
+        "bad_adapter",  # an active_adapter that is no adapter name
         "too_large",
         "too_long",
         "malformed",

@@ -19,6 +19,7 @@ import torch
 import trio
 from libp2p.custom_types import TProtocol
 
+from petald.client.tuning import Tuning
 from petald.errors import (
     BadReply,
     PeerUnavailable,
@@ -89,6 +90,33 @@ def _extras(
         tensors.append(positions.to(torch.int64))
         return {"positions": True}
     return {}
+
+
+def _tuned(tensors: list[torch.Tensor], tuning: Tuning | None) -> dict[str, Any]:
+    """Appends a request's named fine-tuning tensors (after everything else, as the protocol
+    wants them); returns the header fields that name them."""
+    if not tuning:
+        return {}
+    tensors.extend(t.detach().contiguous() for t in tuning.tensors)
+    return tuning.header()
+
+
+def _check_named(
+    peer: str, reply: dict[str, Any], out: list[torch.Tensor], tuning: Tuning | None
+) -> list[torch.Tensor]:
+    """The named tensors' gradients after the input gradient of a backward reply: one per
+    tensor sent, in the order named, each of its tensor's shape; returned in its dtype."""
+    sent = tuning.named if tuning else {}
+    if not sent:
+        return []
+    if reply.get("named") != list(sent) or len(out) != 1 + len(sent):
+        raise BadReply(peer, f"gradients of {reply.get('named')!r}, asked for {list(sent)}")
+    grads = []
+    for (name, t), g in zip(sent.items(), out[1:], strict=True):
+        if g.shape != t.shape or not g.dtype.is_floating_point:
+            raise BadReply(peer, f"gradient of {name}: {g.dtype} {tuple(g.shape)}")
+        grads.append(g.to(t.dtype))
+    return grads
 
 
 async def exchange(
@@ -164,12 +192,15 @@ async def call_forward(
     mask: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     all_hidden: bool = False,
+    tuning: Tuning | None = None,
     timeout: float,
 ) -> torch.Tensor:
     """`hidden` (batch, seq, hidden) through `blocks` on `peer`; same shape out, or with
-    `all_hidden` every block's output stacked: (len(blocks), batch, seq, hidden)."""
+    `all_hidden` every block's output stacked: (len(blocks), batch, seq, hidden). `tuning`:
+    deep prompts / LoRA / a server adapter for this request, over exactly `blocks`."""
     tensors = [hidden]
     header = {"start": blocks.start, "end": blocks.end, **_extras(tensors, mask, positions)}
+    header |= _tuned(tensors, tuning)
     shape = None
     if all_hidden:
         header["all_hidden"] = True
@@ -187,13 +218,17 @@ async def call_backward(
     *,
     mask: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    tuning: Tuning | None = None,
     timeout: float,
-) -> torch.Tensor:
-    """The gradient of `blocks`' input, given its input `hidden` and its output's gradient."""
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The gradient of `blocks`' input, given its input `hidden` and its output's gradient;
+    and the gradients of `tuning`'s named tensors, in their order (empty without any)."""
     tensors = [hidden, grad_out]
     header = {"start": blocks.start, "end": blocks.end, **_extras(tensors, mask, positions)}
-    _, out = await _one_shot(opener, peer, BACKWARD_PROTOCOL, header, tensors, timeout=timeout)
-    return _check_tensor(peer, out, hidden)
+    header |= _tuned(tensors, tuning)
+    reply, out = await _one_shot(opener, peer, BACKWARD_PROTOCOL, header, tensors, timeout=timeout)
+    named = _check_named(peer, reply, out, tuning)
+    return _check_tensor(peer, out[:1], hidden), named
 
 
 class InferenceStream:
@@ -244,15 +279,17 @@ class InferenceStream:
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         reorder: list[int] | None = None,
+        tuning: Tuning | None = None,
     ) -> torch.Tensor:
         """Runs `hidden` (batch, n, hidden) at `position`; a position below the server's cached
         length rolls its cache back first, and `reorder` (one index per sequence) reorders the
-        cache along the batch before that (beam search). Any failure leaves the stream reset
-        and closed."""
+        cache along the batch before that (beam search). `tuning` (over this stream's blocks)
+        applies to this step only. Any failure leaves the stream reset and closed."""
         if self.closed:
             raise PeerUnavailable(f"{self.peer}: session stream is closed", peer=self.peer)
         tensors = [hidden]
         header = {"step": step_id, "position": position, **_extras(tensors, mask, positions)}
+        header |= _tuned(tensors, tuning)
         if reorder is not None:
             header["reorder"] = reorder
         try:

@@ -28,6 +28,7 @@ from libp2p.peer.id import ID
 
 from petald.client.routing import PeerBans, RoutePlanner, RoutingPolicy, missing_blocks
 from petald.client.rpc import call_info
+from petald.client.tuning import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from petald.dht.node import DhtConfig
 from petald.errors import PeerUnavailable, PetaldError, RoutingError, SessionClosed
 from petald.p2p.config import P2PConfig
@@ -85,6 +86,8 @@ class SwarmClient:
         self.planner = RoutePlanner(self.config.policy)
         self.bans = PeerBans()  # loop thread only, like everything below
         self.rtts: dict[str, float] = {}
+        # (max_batch, max_tokens) per request, from each probed peer's `info`.
+        self.limits: dict[str, tuple[int, int]] = {}
         self.stack: Stack | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
@@ -189,8 +192,12 @@ class SwarmClient:
         assert self.stack is not None and self.stack.announcer is not None
         return self.stack.announcer.view
 
-    def live_servers(self, model: str) -> list[ServerEntry]:
-        return self.view.servers(model, now=time.time())
+    def live_servers(self, model: str, adapter: str | None = None) -> list[ServerEntry]:
+        """`model`'s servers in the view; with `adapter`, only those that announce it."""
+        servers = self.view.servers(model, now=time.time())
+        if adapter is None:
+            return servers
+        return [e for e in servers if adapter in e.info.adapters]
 
     def banned(self) -> set[str]:
         return self.bans.banned(trio.current_time())
@@ -253,6 +260,23 @@ class SwarmClient:
         except Exception as e:  # py-libp2p dial and negotiation errors come in many types
             raise PeerUnavailable(f"{peer_id}: {type(e).__name__}: {e}", peer=peer_id) from None
 
+    def check_adapter(self, model: str, adapter: str | None) -> None:
+        """Raises `RoutingError` saying which adapters `model`'s servers have when none of them
+        announces `adapter` (requests that name it are routed only through those that do)."""
+        if adapter is None or self.live_servers(model, adapter):
+            return
+        have = sorted({a for e in self.live_servers(model) for a in e.info.adapters})
+        raise RoutingError(
+            f"no server of {model} announces the adapter {adapter!r}; they have {have or 'none'}"
+        )
+
+    def request_limits(self, peers: Sequence[str]) -> tuple[int, int]:
+        """(max_batch, max_tokens) that every one of `peers` accepts: the smallest their
+        `info` announced (probe them first), the protocol's defaults for those not probed."""
+        known = [self.limits.get(p, (DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS)) for p in peers]
+        known = known or [(DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS)]
+        return min(b for b, _ in known), min(t for _, t in known)
+
     async def probe(self, peers: Sequence[str], *, timeout: float = 3.0) -> None:
         """Measures the round trip (an `info` request on a new stream) to each of `peers` not
         measured yet; a peer that does not answer is banned."""
@@ -262,11 +286,16 @@ class SwarmClient:
             async with limiter:
                 t0 = trio.current_time()
                 try:
-                    await call_info(self.open_stream, peer, timeout=timeout)
+                    info = await call_info(self.open_stream, peer, timeout=timeout)
                 except PetaldError as e:
                     self.ban(peer, e)
                     return
                 self.rtts[peer] = trio.current_time() - t0
+                limits = info.get("limits")
+                if isinstance(limits, dict):
+                    batch, tokens = limits.get("max_batch"), limits.get("max_tokens")
+                    if type(batch) is int and type(tokens) is int and batch > 0 and tokens > 0:
+                        self.limits[peer] = (batch, tokens)
 
         async with trio.open_nursery() as nursery:
             for peer in dict.fromkeys(peers):

@@ -4,9 +4,10 @@ calls each hop in turn; a server that fails is banned (exponential backoff) and 
 retried on another, a bounded number of times. `inference_session` opens a
 `petald.client.session.InferenceSession` (token-by-token with server-side KV caches).
 
-The seam for training (issue 6): `forward_traced` also returns each hop's input (`ForwardTrace`),
-and `backward(hidden, grad_out, trace=...)` walks the hops in reverse calling the backward RPC,
-which needs exactly those inputs; an autograd.Function can wrap the two."""
+For training, `forward_traced` also returns each hop's input (`ForwardTrace`), and
+`backward(hidden, grad_out, trace=...)` walks the hops in reverse calling the backward RPC, which
+needs exactly those inputs; `petald.client.autograd` wraps the two (with sub-batches and the
+fine-tuning tensors of a `Tuning`, sliced per hop) into a torch.autograd.Function."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ import torch
 from petald.client.rpc import call_backward, call_forward, is_server_failure
 from petald.client.runtime import SwarmClient
 from petald.client.session import InferenceSession, check_inputs
+from petald.client.tuning import Tuning, adapter_of
 from petald.errors import RoutingError
 from petald.types import BlockRange
+
+# Gradients of a backward's named tensors, per hop: (the hop's blocks, one per name in order).
+HopGrads = list[tuple[BlockRange, list[torch.Tensor]]]
 
 
 @dataclass
@@ -87,16 +92,18 @@ class RemoteSequential:
         position_ids: torch.Tensor | None = None,
         *,
         all_hidden: bool = False,
+        tuning: Tuning | None = None,
     ) -> torch.Tensor:
         """`hidden` (batch, seq, hidden) through the blocks; `attention_mask` (batch, seq) with 1
         for real tokens, `position_ids` (batch or 1, seq). With `all_hidden`, every block's
-        output stacked: (blocks, batch, seq, hidden) (`output_hidden_states`)."""
+        output stacked: (blocks, batch, seq, hidden) (`output_hidden_states`). `tuning`: deep
+        prompts, LoRA or a server adapter (no gradients here: `petald.client.autograd`)."""
         if not all_hidden:
-            return self.forward_traced(hidden, attention_mask, position_ids)[0]
+            return self.forward_traced(hidden, attention_mask, position_ids, tuning=tuning)[0]
         check_inputs(hidden, attention_mask, position_ids, hidden.shape[0] if hidden.ndim else 0, 0)
         attempts = _Attempts(self.client.config.max_attempts)
         args = (self.blocks, hidden.detach(), attention_mask, position_ids, attempts, True)
-        return self.client.run(self._forward_range, *args)[0]
+        return self.client.run(self._forward_range, *args, self._detached(tuning))[0]
 
     __call__ = forward
 
@@ -105,11 +112,23 @@ class RemoteSequential:
         hidden: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        tuning: Tuning | None = None,
     ) -> tuple[torch.Tensor, ForwardTrace]:
         check_inputs(hidden, attention_mask, position_ids, hidden.shape[0] if hidden.ndim else 0, 0)
         attempts = _Attempts(self.client.config.max_attempts)
-        args = (self.blocks, hidden.detach(), attention_mask, position_ids, attempts)
-        return self.client.run(self._forward_range, *args)
+        args = (self.blocks, hidden.detach(), attention_mask, position_ids, attempts, False)
+        return self.client.run(self._forward_range, *args, self._detached(tuning))
+
+    def _detached(self, tuning: Tuning | None) -> Tuning | None:
+        if not tuning:
+            return None
+        tuning.check_blocks(self.blocks)
+        self.client.run(self._check_adapter, adapter_of(tuning))
+        return tuning.with_tensors([t.detach() for t in tuning.tensors])
+
+    async def _check_adapter(self, adapter: str | None) -> None:
+        self.client.check_adapter(self.model, adapter)
 
     def backward(
         self,
@@ -129,12 +148,17 @@ class RemoteSequential:
             trace = self.forward_traced(hidden, attention_mask, position_ids)[1]
         attempts = _Attempts(self.client.config.max_attempts)
         args = (trace, grad_out.detach(), attention_mask, position_ids, attempts)
-        return self.client.run(self._backward_trace, *args)
+        return self.client.run(self._backward_trace, *args)[0]
 
-    def inference_session(self, max_length: int, batch: int = 1) -> InferenceSession:
+    def inference_session(
+        self, max_length: int, batch: int = 1, *, tuning: Tuning | None = None
+    ) -> InferenceSession:
         """A token-by-token session through these blocks holding up to `max_length` tokens
-        per sequence. Use it as a context manager (it frees the servers' caches on exit)."""
-        return InferenceSession(self.client, self.model, self.blocks, max_length, batch)
+        per sequence; `tuning` (deep prompts, LoRA, a server adapter) applies to every step.
+        Use it as a context manager (it frees the servers' caches on exit)."""
+        return InferenceSession(
+            self.client, self.model, self.blocks, max_length, batch, tuning=tuning
+        )
 
     # ---- on the client's loop --------------------------------------------------------------
 
@@ -146,6 +170,7 @@ class RemoteSequential:
         positions: torch.Tensor | None,
         attempts: _Attempts,
         all_hidden: bool = False,
+        tuning: Tuning | None = None,
     ) -> tuple[torch.Tensor, ForwardTrace]:
         """The output of `blocks` (with `all_hidden`: every block's, stacked) and the trace."""
         client, trace = self.client, ForwardTrace()
@@ -153,7 +178,7 @@ class RemoteSequential:
         a = blocks.start
         while a < blocks.end:  # every round advances a or spends an attempt: bounded
             route = client.planner.plan_forward(
-                client.live_servers(self.model),
+                client.live_servers(self.model, adapter_of(tuning)),
                 self.model,
                 BlockRange(a, blocks.end),
                 banned=client.banned(),
@@ -168,6 +193,7 @@ class RemoteSequential:
                         mask=mask,
                         positions=positions,
                         all_hidden=all_hidden,
+                        tuning=tuning.for_blocks(hop.blocks) if tuning else None,
                         timeout=client.config.request_timeout,
                     )
                 except Exception as e:
@@ -191,10 +217,16 @@ class RemoteSequential:
         mask: torch.Tensor | None,
         positions: torch.Tensor | None,
         attempts: _Attempts,
-    ) -> torch.Tensor:
+        tuning: Tuning | None = None,
+    ) -> tuple[torch.Tensor, HopGrads]:
+        """The input gradient, and the named tensors' gradients of every hop."""
+        named: HopGrads = []
         for blocks, x in reversed(trace.hops):
-            grad = await self._backward_hop(blocks, x, grad, mask, positions, attempts)
-        return grad
+            grad, hop_named = await self._backward_hop(
+                blocks, x, grad, mask, positions, attempts, tuning
+            )
+            named.extend(hop_named)
+        return grad, named
 
     async def _backward_hop(
         self,
@@ -204,20 +236,26 @@ class RemoteSequential:
         mask: torch.Tensor | None,
         positions: torch.Tensor | None,
         attempts: _Attempts,
-    ) -> torch.Tensor:
+        tuning: Tuning | None = None,
+    ) -> tuple[torch.Tensor, HopGrads]:
         client = self.client
         while True:  # each round returns or spends an attempt: bounded
             route = client.planner.plan_forward(
-                client.live_servers(self.model), self.model, blocks, banned=client.banned()
+                client.live_servers(self.model, adapter_of(tuning)),
+                self.model,
+                blocks,
+                banned=client.banned(),
             )
             if len(route) > 1:
                 # No single server holds these blocks any more: recompute the inputs of the
                 # hops they are split into, then go backward through those.
-                _, sub = await self._forward_range(blocks, x, mask, positions, attempts)
-                return await self._backward_trace(sub, grad, mask, positions, attempts)
+                args = (mask, positions, attempts)
+                _, sub = await self._forward_range(blocks, x, *args, tuning=tuning)
+                return await self._backward_trace(sub, grad, *args, tuning)
             peer = route[0].peer_id
+            hop_tuning = tuning.for_blocks(blocks) if tuning else None
             try:
-                out = await call_backward(
+                out, named = await call_backward(
                     client.open_stream,
                     peer,
                     blocks,
@@ -225,6 +263,7 @@ class RemoteSequential:
                     grad,
                     mask=mask,
                     positions=positions,
+                    tuning=hop_tuning,
                     timeout=client.config.request_timeout,
                 )
             except Exception as e:
@@ -234,4 +273,4 @@ class RemoteSequential:
                 attempts.spend(e)
                 continue
             client.bans.succeeded(peer)
-            return out
+            return out, ([(blocks, named)] if named else [])

@@ -22,6 +22,7 @@ import trio
 from petald.client.routing import Hop
 from petald.client.rpc import InferenceStream, is_server_failure
 from petald.client.runtime import SwarmClient
+from petald.client.tuning import Tuning, adapter_of
 from petald.errors import RoutingError, SessionClosed
 from petald.types import BlockRange
 
@@ -83,11 +84,22 @@ class _Link:
 
 class InferenceSession:
     def __init__(
-        self, client: SwarmClient, model: str, blocks: BlockRange, max_length: int, batch: int
+        self,
+        client: SwarmClient,
+        model: str,
+        blocks: BlockRange,
+        max_length: int,
+        batch: int,
+        *,
+        tuning: Tuning | None = None,
     ) -> None:
         if not (max_length > 0 and batch > 0):
             raise ValueError("max_length and batch must be positive")
+        if tuning:
+            tuning.check_blocks(blocks)
         self.client, self.model, self.blocks = client, model, blocks
+        # Sent with every step (and replayed on failover), as the servers keep none of it.
+        self.tuning = tuning
         self.max_length, self.batch = max_length, batch
         self.stats = SessionStats()
         self._links: list[_Link] = []
@@ -236,6 +248,7 @@ class InferenceSession:
                     mask=full_mask,
                     positions=step_positions,
                     reorder=order if id(link) in to_reorder else None,
+                    tuning=self._tuning_for(link.hop.blocks, pos),
                 )
             except Exception as e:
                 if not is_server_failure(e):
@@ -256,18 +269,28 @@ class InferenceSession:
         self.stats.steps += 1
         return x
 
+    def _tuning_for(self, blocks: BlockRange, position: int) -> Tuning | None:
+        """This session's tuning over one hop, detached; deep prompts only while the step
+        starts inside the prompt positions (later tokens are not changed by them)."""
+        if not self.tuning:
+            return None
+        tuning = self.tuning.for_blocks(blocks)
+        if position >= tuning.pre_seq_len:
+            tuning = tuning.without_prompts()
+        return tuning.with_tensors([t.detach() for t in tuning.tensors])
+
     async def _open(self, blocks: BlockRange) -> list[_Link]:
         """Plans a route through `blocks` and opens a session on each hop's server (at once);
         a server that fails to open is banned and the route planned again."""
         client = self.client
         for _ in range(client.config.max_attempts):
-            candidates = client.planner.eligible(
-                client.live_servers(self.model), self.model, client.banned()
-            )
+            client.check_adapter(self.model, adapter_of(self.tuning))
+            servers = client.live_servers(self.model, adapter_of(self.tuning))
+            candidates = client.planner.eligible(servers, self.model, client.banned())
             wanted = [e.peer_id for e in candidates if _overlaps(e.info.blocks, blocks)]
             await client.probe(wanted)
             route = client.planner.plan_inference(
-                client.live_servers(self.model),
+                servers,
                 self.model,
                 blocks,
                 rtts=client.rtts,
@@ -367,4 +390,7 @@ class InferenceSession:
         for link in links:
             start = link.hop.blocks.start
             x = self._history.setdefault(start, x)
-            x = await link.stream.step(self._next_id(), 0, x, mask=mask, positions=positions)
+            tuning = self._tuning_for(link.hop.blocks, 0)
+            x = await link.stream.step(
+                self._next_id(), 0, x, mask=mask, positions=positions, tuning=tuning
+            )

@@ -56,12 +56,17 @@ def load(
     torch_dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     wait_timeout: float = 60.0,
+    tuning_mode: str | None = None,
+    pre_seq_len: int = 0,
+    active_adapter: str | None = None,
 ) -> DistributedModelForCausalLM:
     """The model at `source` with its blocks on the swarm. Joins the swarm through
     `initial_peers` (or `client_config`) unless an already started `client` is given, and waits
     up to `wait_timeout` s until servers announce every block of `model_name` (default: the
     name servers announce `source` under). `dtype`/`torch_dtype` and `device` are those of the
-    local parts; hidden states cross the wire on the CPU in that dtype."""
+    local parts; hidden states cross the wire on the CPU in that dtype. Fine-tuning
+    (petald.models.finetune): `tuning_mode` "ptune"/"deep_ptune" with `pre_seq_len` prompt
+    tokens; `active_adapter`, a server adapter's name."""
     where = checkpoint.locate(source)
     config = checkpoint.read_config(where)
     layout_for(config)  # an unsupported architecture fails before joining the swarm
@@ -74,6 +79,7 @@ def load(
         client.wait_for_blocks(name, n_blocks, timeout=wait_timeout)
         blocks = RemoteSequential(client, name, n_blocks)
         model = build(cls, source, blocks, dtype=torch_dtype or dtype, device=device)
+        model.setup_tuning(tuning_mode, pre_seq_len, active_adapter)
     except BaseException:
         if owned is not None:
             owned.close()

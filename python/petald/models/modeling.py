@@ -30,9 +30,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from petald.client import RemoteSequential, SwarmClient
 from petald.models.cache import RemoteCache
 from petald.models.families import Layout, layout_for
+from petald.models.finetune import FineTuningMixin
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+class DistributedModelForCausalLM(FineTuningMixin, PreTrainedModel, GenerationMixin):
     config_class = PretrainedConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -130,9 +131,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """One inference session (a KV cache on the servers) for up to `max_length` tokens per
         sequence; generate() calls continue it until it is closed (use `with`). It can also
         be passed as `past_key_values` to `generate()` or to the model itself."""
-        session = RemoteCache(
-            self.transformer_blocks, max_length=max_length, batch=batch, on_close=self._forget
-        )
+        session = self._new_cache(max_length=max_length, batch=batch, on_close=self._forget)
         self._sessions.append(session)
         return session
 
@@ -168,7 +167,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None and kwargs.get("use_cache", True):
             cache = self.active_session
             if cache is None:
-                owned = cache = RemoteCache(self.transformer_blocks)
+                owned = cache = self._new_cache()
             kwargs["past_key_values"] = cache
         if isinstance(cache, RemoteCache):
             mask = kwargs.get("attention_mask")
@@ -254,6 +253,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, past_key_values=past_key_values, hidden_states=hidden_states
         )
 
+    def _new_cache(self, **kwargs: Any) -> RemoteCache:
+        """A cache over the remote blocks; with fine-tuning on (petald.models.finetune), one
+        that carries the prompts and adapters to the servers."""
+        tuning = self.remote_tuning
+        if tuning is not None:
+            return tuning.new_cache(self.transformer_blocks, **kwargs)
+        return RemoteCache(self.transformer_blocks, **kwargs)
+
     def _run_blocks(
         self,
         x: torch.Tensor,
@@ -262,6 +269,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         every: bool,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Stateless pass; with `every`, also (embeddings, block 0 output, ..., last output)."""
+        if self.remote_tuning is not None:  # differentiable, with prompts/adapters (issue 6)
+            return self.remote_tuning.run_blocks(self.transformer_blocks, x, mask, positions, every)
         wire_mask = None if mask is None else mask.to("cpu")
         wire_positions = None if positions is None else positions.to("cpu")
         blocks = self.transformer_blocks
