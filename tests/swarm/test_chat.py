@@ -5,8 +5,9 @@
   in pieces; the follow-up "And of Germany?" is answered with Berlin — a question that names no
   capital and no city, so the answer can only come from the history. After /reset the same
   follow-up gets no Berlin (checked against a local transformers run: without history the greedy
-  answer is an unrelated apology). /exit ends it with status 0, and every process it started
-  (node, servers, their compute processes) is gone.
+  answer is an unrelated apology). Ctrl-C while an answer streams stops only that answer. /exit
+  ends it with status 0, and every process it started (node, servers, their compute processes)
+  is gone.
 - Failing clients leave nothing behind: SIGINT and SIGKILL while the servers load, and a flag
   that is only found wrong after the bootstrap node started.
 - Joining a swarm that lacks blocks prints which ones and how to serve them, without a
@@ -176,6 +177,16 @@ def test_chat_out_of_the_box_with_history_reset_and_exit(tmp_path: Path) -> None
         term.expect(re.escape(PROMPT), 10)
         without, _ = term.ask("And of Germany?")
         assert "Berlin" not in without, term.text
+
+        # Ctrl-C while an answer streams stops that answer only; the chat goes on.
+        os.write(term.master, b"Tell me a long story about a dragon.\r")
+        term.expect(r"dragon\.\n", 10)
+        term.expect(r"\w+ \w+ ", ANSWER_TIMEOUT)  # the answer has begun
+        os.kill(term.proc.pid, signal.SIGINT)
+        term.expect(r"\(answer interrupted", 60)
+        term.expect(re.escape(PROMPT), 10)
+        again, _ = term.ask("What is the capital of France?")
+        assert "Paris" in again, term.text
 
         os.write(term.master, b"/exit\r")
         assert term.proc.wait(timeout=60) == 0, term.text
