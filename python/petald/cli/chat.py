@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import sys
 
+from petald.errors import PetaldError
+
 PROMPT = ">>> "
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) quits"
 
@@ -131,6 +133,9 @@ def _loop(chat) -> int:
         except KeyboardInterrupt:
             print("\n(answer interrupted; it is not kept in the conversation)", flush=True)
             chat.restart_session()
-        except ValueError as e:
+        except ValueError as e:  # the conversation outgrew the session: the message says what to do
             print(f"petald: {e}", file=sys.stderr)
+        except PetaldError as e:  # e.g. servers gone and no replacement: the user may retry
+            print(f"\npetald: {e}", file=sys.stderr)
+            chat.restart_session()
         sys.stdout.flush()

