@@ -131,12 +131,8 @@ class RemoteCache(Cache):
                 f"attention_mask covers {attention_mask.shape[-1]} tokens; the session holds "
                 f"{position} and this step adds {n}: pass the mask of all {position + n}"
             )
-        out = session.step(
-            hidden.to("cpu"),
-            attention_mask=None if attention_mask is None else attention_mask.to("cpu"),
-            position_ids=None if position_ids is None else position_ids.to("cpu"),
-            reorder=self._reorder,
-        )
+        mask, positions = _unless_default(attention_mask, position_ids, position, n)
+        out = session.step(hidden.to("cpu"), mask, positions, reorder=self._reorder)
         self._reorder = None
         ids = input_ids.to("cpu") if input_ids is not None else None
         if ids is None:
@@ -190,3 +186,20 @@ class RemoteCache(Cache):
 
     def __repr__(self) -> str:
         return f"RemoteCache(position={self.position}, max_length={self.max_length})"
+
+
+def _unless_default(
+    mask: torch.Tensor | None, positions: torch.Tensor | None, position: int, n: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The mask and position ids for the wire (on the CPU), or None where they are the
+    servers' defaults (no padding; positions position..position+n-1): generate() passes both
+    on every step, and without padding they only cost bytes and a materialised mask."""
+    if mask is not None:
+        mask = mask.to("cpu")
+        if bool(mask.all()):
+            mask = None
+    if positions is not None:
+        positions = positions.to("cpu")
+        if torch.equal(positions, torch.arange(position, position + n).expand_as(positions)):
+            positions = None
+    return mask, positions
