@@ -43,10 +43,18 @@ def chat_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "petald.cli", "chat", "--greedy", "--max-new-tokens", "40", *args]
 
 
-def chat_env(tmp: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One petald cache for the module: the first chat converts the GGUF tokenizer, the
+    others load it from there (and the user's own cache is left alone)."""
+    return tmp_path_factory.mktemp("petald-cache")
+
+
+def chat_env(tmp: Path, cache: Path) -> dict[str, str]:
     # TMPDIR: the local swarm's keys and logs go under the test's directory, so that any
     # leftover process would name it on its command line. TERM=dumb: readline adds no escapes.
-    return {**os.environ, "TMPDIR": str(tmp), "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
+    env = {"TMPDIR": str(tmp), "PETALD_CACHE_DIR": str(cache), "TERM": "dumb"}
+    return {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
 
 
 class Terminal:
@@ -151,9 +159,9 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
-def test_chat_out_of_the_box_with_history_reset_and_exit(tmp_path: Path) -> None:
+def test_chat_out_of_the_box_with_history_reset_and_exit(tmp_path: Path, cache: Path) -> None:
     t0 = time.monotonic()
-    term = Terminal(chat_argv(), chat_env(tmp_path))
+    term = Terminal(chat_argv(), chat_env(tmp_path, cache))
     try:
         term.expect(re.escape(PROMPT), START_TIMEOUT)
         started = time.monotonic() - t0
@@ -200,14 +208,14 @@ def test_chat_out_of_the_box_with_history_reset_and_exit(tmp_path: Path) -> None
         term.close()
 
 
-def spawn_chat(tmp: Path, *args: str) -> subprocess.Popen[str]:
+def spawn_chat(tmp: Path, cache: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         chat_argv(*args),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env=chat_env(tmp),
+        env=chat_env(tmp, cache),
     )
 
 
@@ -233,10 +241,10 @@ def read_stderr_until(proc: subprocess.Popen[str], pattern: str, timeout: float)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_no_process_outlives_a_chat_stopped_while_servers_load(tmp_path: Path, sig) -> None:
+def test_no_process_outlives_a_chat_stopped_while_servers_load(tmp_path, cache, sig) -> None:
     """SIGINT (Ctrl-C): the chat stops its servers and node itself and exits with 130.
     SIGKILL: no cleanup runs in the chat; the kernel's parent-death signal stops them."""
-    proc = spawn_chat(tmp_path)
+    proc = spawn_chat(tmp_path, cache)
     try:
         m = read_stderr_until(proc, r"servers loading blocks .* \(pids ([\d ]+)\)", 120)
         started = [int(p) for p in m.group(1).split()]
@@ -252,9 +260,9 @@ def test_no_process_outlives_a_chat_stopped_while_servers_load(tmp_path: Path, s
             proc.wait()
 
 
-def test_a_flag_found_wrong_after_the_node_started_leaves_nothing_behind(tmp_path) -> None:
+def test_a_flag_found_wrong_after_the_node_started_leaves_nothing_behind(tmp_path, cache) -> None:
     """--servers 31: the demo model has 30 blocks, known only once the node is starting."""
-    proc = spawn_chat(tmp_path, "--servers", "31")
+    proc = spawn_chat(tmp_path, cache, "--servers", "31")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert "--servers must be between 1 and the model's 30 blocks" in err
@@ -262,7 +270,7 @@ def test_a_flag_found_wrong_after_the_node_started_leaves_nothing_behind(tmp_pat
     assert processes_naming(str(tmp_path)) == []
 
 
-def test_a_swarm_missing_blocks_gets_a_clean_message(tmp_path: Path) -> None:
+def test_a_swarm_missing_blocks_gets_a_clean_message(tmp_path: Path, cache: Path) -> None:
     """An announcer claims blocks 0:15 of the demo model; nobody serves 15:30."""
     node = start_daemon("node", "--new-swarm", identity=tmp_path / "node.key")
     half = None
@@ -276,7 +284,7 @@ def test_a_swarm_missing_blocks_gets_a_clean_message(tmp_path: Path) -> None:
             text=True,
             timeout=180,
             stdin=subprocess.DEVNULL,
-            env=chat_env(tmp_path),
+            env=chat_env(tmp_path, cache),
         )
         assert r.returncode == 1, r.stdout + r.stderr
         assert "Traceback" not in r.stderr, r.stderr

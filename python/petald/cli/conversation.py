@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from petald.cli.local_swarm import LocalSwarm, LocalSwarmConfig, demo_model
+from petald.cli.tokenizer import load_tokenizer
 from petald.errors import RoutingError
 
 
@@ -175,15 +175,6 @@ class _Clock:
     def end(self) -> None:
         if self.streamer is not None:
             self.streamer.end()
-
-
-def load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
-
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(source)
 
 
 @contextmanager
