@@ -14,6 +14,7 @@ Run: `.venv/bin/python bench/bench_client.py` (about 3 minutes on 2 cores, most 
 
 from __future__ import annotations
 
+import logging
 import statistics
 import tempfile
 import time
@@ -80,6 +81,9 @@ def start_servers(gguf: Path, tmp: Path) -> tuple[DaemonProcess, dict[str, Daemo
 
 
 def main() -> None:
+    # The client's failover log (ban, replacement, replay, stall) with timestamps, on stderr.
+    logging.basicConfig(format="%(relativeCreated)9.0f ms %(name)s: %(message)s")
+    logging.getLogger("petald.client").setLevel(logging.INFO)
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     messages = [{"role": "user", "content": QUESTION}]
