@@ -19,6 +19,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from petald.errors import PetaldError
+
 STOP_TIMEOUT = 15.0  # seconds all children get to exit after SIGTERM, before SIGKILL
 TAIL_LINES = 30
 
@@ -33,6 +35,11 @@ if os.getppid() != int(sys.argv[1]):
     sys.exit(143)
 os.execv(sys.executable, [sys.executable, "-m", "petald.cli", *sys.argv[2:]])
 """
+
+
+class ChildFailed(PetaldError):
+    """A child exited before it was ready, or was not ready in time; the message ends with
+    the tail of its output."""
 
 
 class Child:
@@ -89,8 +96,8 @@ class Child:
             self._changed.notify_all()
 
     def wait_ready(self, timeout: float, *, raise_timeout: bool = True) -> None:
-        """Returns once the ready line arrived; raises RuntimeError if the child exits first,
-        TimeoutError after `timeout` seconds (or just returns, with raise_timeout=False)."""
+        """Returns once the ready line arrived; raises ChildFailed if the child exits first or
+        after `timeout` seconds (with raise_timeout=False, just returns then)."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while self.ready is None:
@@ -101,16 +108,16 @@ class Child:
                 if left <= 0:
                     if not raise_timeout:
                         return
-                    raise TimeoutError(f"{self.name} not ready within {timeout:.0f} s")
+                    msg = f"{self.name} not ready within {timeout:.0f} s:\n{self.tail()}"
+                    raise ChildFailed(msg)
                 self._changed.wait(left)
 
     def check_alive(self) -> None:
-        """Raises RuntimeError, with the tail of its output, if the child has exited."""
+        """Raises ChildFailed, with the tail of its output, if the child has exited."""
         if self.proc.poll() is not None:
             self._reader.join(5.0)  # the last lines say why
-            raise RuntimeError(
-                f"{self.name} exited with status {self.proc.returncode}\n{self.tail()}"
-            )
+            code = self.proc.returncode
+            raise ChildFailed(f"{self.name} exited with status {code}:\n{self.tail()}")
 
     def tail(self) -> str:
         lines = list(self._lines)

@@ -8,6 +8,7 @@ models package's `sync_prefix`), so a turn costs only its new tokens. Entry poin
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -196,7 +197,11 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
             wait += swarm_config.ready_timeout  # it waits while the servers load
         # Started once the servers are: before, it would slow the node's start for nothing.
         tokenizer = Background(load_tokenizer, source)
-        model = Background(_load_model, source, peers, name, wait)
+        # Our own client, closed before the swarm stops: a load still waiting for the servers
+        # when one of them fails then ends, instead of redialling a vanished swarm.
+        client = _join(peers)
+        stack.callback(client.close)
+        model = Background(_load_model, source, client, name, wait)
         stack.callback(model.close)
         if swarm is not None:
             swarm.wait_ready()
@@ -212,13 +217,24 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
         yield chat
 
 
-def _load_model(source: str, peers: list[str], name: str | None, wait: float) -> Any:
+def _join(peers: list[str]) -> Any:
+    from petald.client import SwarmClient
+
+    # py-libp2p resets its logger when first imported (level WARNING, no handler, so Python's
+    # last-resort handler prints its routine dial errors on stderr, into the chat): quiet it
+    # again as `petald --log-level` set it, unless debugging.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    return SwarmClient(peers).start()
+
+
+def _load_model(source: str, client: Any, name: str | None, wait: float) -> Any:
     """The model, once servers announce every block (RoutingError naming the missing ones
     after `wait` seconds)."""
     from petald.models import AutoDistributedModelForCausalLM
 
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        source, initial_peers=peers, model_name=name, wait_timeout=wait
+        source, client=client, model_name=name, wait_timeout=wait
     )
     return model.eval()
 

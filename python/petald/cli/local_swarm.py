@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from petald.cli.children import Child, stop_children
+from petald.cli.children import Child, ChildFailed, stop_children
 from petald.types import BlockRange
 
 DEFAULT_SERVERS = 2
@@ -125,8 +125,8 @@ class LocalSwarm:
         self._exits.close()
 
     def wait_ready(self) -> None:
-        """Returns once every server is online; raises if one exits first (RuntimeError) or
-        the config's ready_timeout passes (TimeoutError), with the tail of its log."""
+        """Returns once every server is online; raises ChildFailed, with the tail of its log,
+        if one exits first or the config's ready_timeout passes."""
         try:
             self._wait_servers(self.children[1:], self._t0)
         except BaseException:
@@ -186,8 +186,8 @@ class LocalSwarm:
             for s in pending:
                 s.check_alive()
             if now >= deadline:
-                raise TimeoutError(
-                    f"{pending[0].name} not online within {self.config.ready_timeout:.0f} s"
+                raise ChildFailed(
+                    f"{pending[0].name} not online within {self.config.ready_timeout:.0f} s:"
                     f"\n{pending[0].tail()}"
                 )
             # Wakes when that server prints its ready line or exits; otherwise after 1 s to
