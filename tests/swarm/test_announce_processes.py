@@ -35,13 +35,11 @@ def servers(status: dict) -> dict[str, str]:
 
 def test_late_joiner_sees_every_server_and_dead_ones_expire(swarm8: list[DaemonProcess]) -> None:
     spans = ["0:10", "10:20", "20:30"]
-    announcers = [
-        start_announcer(
-            MODEL, span, "--initial-peers", swarm8[i].addr, "--n-blocks", "30", "--ttl", str(TTL)
-        )
-        for i, span in enumerate(spans)
-    ]
+    announcers: list[DaemonProcess] = []
     try:
+        for i, span in enumerate(spans):  # appended one by one: a failed start stops the rest
+            args = ("--initial-peers", swarm8[i].addr, "--n-blocks", "30", "--ttl", str(TTL))
+            announcers.append(start_announcer(MODEL, span, *args))
         t0 = time.monotonic()
         st = petald_json(
             "status", "--json", "--model", MODEL, "--wait", "1", "--initial-peers", swarm8[7].addr
