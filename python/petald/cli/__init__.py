@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -174,10 +175,15 @@ def setup_logging(level: str) -> None:
     # py-libp2p logs routine, harmless events at ERROR (a relay logs one per circuit, a
     # short-lived dial-back host refuses gossipsub): show its logs only when debugging.
     if level != "debug":
+        import libp2p  # noqa: F401 - it sets up its loggers on import; quiet them after that
+
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads: idle OpenMP threads sleep instead of spinning, which on shared cores
+    # slows every other process of a local swarm (see petald.server.executor.worker_env).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = _parser().parse_args(argv)
     try:
         if args.command == "core-demo":
