@@ -14,6 +14,12 @@ Run: `.venv/bin/python bench/bench_client.py` (about 3 minutes on 2 cores, most 
 
 from __future__ import annotations
 
+import os
+
+# The local baseline runs with the same OpenMP setting as petald's processes (set before torch
+# loads): otherwise the comparison measures spinning threads, not petald.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import logging
 import statistics
 import tempfile

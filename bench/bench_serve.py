@@ -16,6 +16,12 @@ Run: `just bench` (or `.venv/bin/python bench/bench_serve.py`). Takes ~2 minutes
 
 from __future__ import annotations
 
+import os
+
+# The local baseline runs with the same OpenMP setting as petald's processes (set before torch
+# loads): otherwise the comparison measures spinning threads, not petald.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import statistics
 import tempfile
 import time
