@@ -1,7 +1,8 @@
 """Fine-tuning through the swarm against the same computation on the local transformers model.
-One module-scoped swarm: a tiny random Llama of 4 blocks on two `petald serve` processes (0:2
-and 2:4), both with two server adapters: "french" (peft-made, q_proj) and "mine" (saved by
-petald's own `RemoteLoRA.save_peft`, q_proj + v_proj).
+One module-scoped swarm: a tiny random Llama of 4 blocks on `petald serve` processes A = 0:2,
+B = 2:4 and its replica C = 2:4 (announcing a far lower throughput, so routes take B until the
+last test kills it mid-step), all with two server adapters: "french" (q_proj) and "mine" (saved
+by petald's own `RemoteLoRA.save_peft`, q_proj + v_proj).
 
 Tolerances (fp32): gradients within GRAD_TOL = 1e-4 relative (max abs error / max abs value) of
 autograd on the local model with the same prompts / LoRA hooks; losses within LOSS_TOL = 1e-4
@@ -75,19 +76,21 @@ def swarm(tiny, adapters, tmp_path_factory) -> Iterator[DaemonProcess]:
     tmp = tmp_path_factory.mktemp("ft-swarm")
     root = adapters["root"]
     boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
-    servers: list[DaemonProcess] = []
+    servers: dict[str, DaemonProcess] = {}
     try:
-        for i, blocks in enumerate(["0:2", "2:4"]):
+        for name, blocks, throughput in [("A", "0:2", 100), ("B", "2:4", 10**6), ("C", "2:4", 1)]:
             args = [str(tiny[0]), "--blocks", blocks, "--initial-peers", boot.addr]
             args += ["--adapters", str(root / "french"), str(root / "mine")]
-            # Neither throughput nor reachability is under test; both cost start-up time.
-            args += ["--throughput", "100", "--reachability", "public", "--cache-tokens", "2048"]
-            servers.append(spawn_daemon("serve", *args, identity=tmp / f"s{i}.key"))
+            # Throughput is announced, not measured (start-up time), and steers routes to B.
+            args += ["--throughput", str(throughput), "--reachability", "public"]
+            args += ["--cache-tokens", "2048"]
+            servers[name] = spawn_daemon("serve", *args, identity=tmp / f"{name}.key")
         with ThreadPoolExecutor(len(servers)) as pool:
-            list(pool.map(lambda d: d.wait_ready(120), servers))
+            list(pool.map(lambda d: d.wait_ready(120), servers.values()))
+        boot.servers = servers  # type: ignore[attr-defined]
         yield boot
     finally:
-        stop_all([*servers, boot])
+        stop_all([*servers.values(), boot])
 
 
 def new_client(swarm: DaemonProcess) -> SwarmClient:
@@ -211,8 +214,11 @@ def test_deep_prompts_and_client_lora_gradients_in_sub_batches(tiny, client, bat
 
 
 def test_training_lowers_the_loss_like_local_training(tiny, client, batch) -> None:
+    """The task: say token 5 everywhere (learnable by a prompt, unlike the random labels)."""
     _, ref = tiny
-    ids, mask, labels = batch
+    ids, mask, _ = batch
+    labels = torch.full_like(ids, 5).masked_fill(mask == 0, -100)
+    torch.manual_seed(0)  # the prompts' initial tokens
     model = load(tiny, client, tuning_mode="ptune", pre_seq_len=4)
     local_prompts = model.remote_tuning.prompts.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=0.1)
@@ -231,7 +237,7 @@ def test_training_lowers_the_loss_like_local_training(tiny, client, batch) -> No
         local_curve.append(local.item())
     print("loss through the swarm:", " ".join(f"{x:.4f}" for x in curve))
     print("loss locally:          ", " ".join(f"{x:.4f}" for x in local_curve))
-    assert curve[-1] < curve[0] - 0.1
+    assert curve[-1] < curve[0] - 0.3  # a random tiny model learns slowly; 8 steps
     for a, b in zip(curve, local_curve, strict=True):
         assert abs(a - b) / abs(b) < LOSS_TOL
     # The trained prompts change what the model says (the plain model ignores them).
@@ -244,6 +250,7 @@ def test_training_lowers_the_loss_like_local_training(tiny, client, batch) -> No
 
 def test_generation_with_deep_prompts_and_lora_matches_local(tiny, client) -> None:
     _, ref = tiny
+    torch.manual_seed(1)
     model = load(tiny, client, tuning_mode="deep_ptune", pre_seq_len=3)
     with torch.no_grad():
         model.remote_tuning.deep_prompts.normal_(std=0.3)
@@ -260,6 +267,8 @@ def test_generation_with_deep_prompts_and_lora_matches_local(tiny, client) -> No
                 prompts=tuning.prompts, deep=tuning.deep_prompts, lora=lora,
             )  # fmt: skip
             want = torch.cat([want, logits[:, -1:].argmax(-1)], 1)
+            if want[0, -1] == ref.config.eos_token_id:  # where generate() stops too
+                break
     plain = load(tiny, client).generate(ids, max_new_tokens=6, do_sample=False)
     print(f"tuned: {got[0, 5:].tolist()}  local: {want[0, 5:].tolist()}  plain: {plain[0, 5:]}")
     assert torch.equal(got, want)
@@ -362,3 +371,25 @@ def test_sequence_classification_trains_only_the_head(tiny, client, batch) -> No
     assert [n for n, _ in model.named_parameters() if _.requires_grad] == ["score.weight"]
     assert (out.logits - want.logits).abs().max() < 1e-4
     assert rel(model.score.weight.grad, local.score.weight.grad) < GRAD_TOL
+
+
+def test_backward_fails_over_to_a_replica(tiny, client, swarm, batch) -> None:
+    """Server B (2:4) dies between the forward and the backward: the backward of its hop goes
+    to C with the kept hop input, and the gradients are still the local ones. Last: it kills B."""
+    _, ref = tiny
+    ids, mask, labels = batch
+    model = load(tiny, client, tuning_mode="ptune", pre_seq_len=2)
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    fast = swarm.servers["B"]
+    fast.kill()
+    loss.backward()
+
+    async def banned() -> set[str]:
+        return client.banned()
+
+    assert fast.peer_id in client.run(banned)
+    prompts = model.remote_tuning.prompts.detach().clone().requires_grad_(True)
+    local_loss(ref, ids, mask, labels, prompts=prompts)[0].backward()
+    error = rel(model.remote_tuning.prompts.grad, prompts.grad)
+    print(f"backward after SIGKILL of B: prompt gradient relative error {error:.1e}")
+    assert error < GRAD_TOL
