@@ -73,3 +73,28 @@ def test_prompt_tuning_arguments() -> None:
     assert positions.tolist()[0] == [0, 1, 2, 3, 4, 5, 6]
     wire = tuning.wire()
     assert wire is not None and wire.names == ["prompts"] and wire.pre_seq_len == 4
+
+
+def test_peft_loads_a_saved_client_lora_as_the_same_deltas(tmp_path) -> None:
+    """peft itself reads the saved adapter onto the full local model: its outputs are the base
+    model's with W + alpha/r * B @ A on every target (what the swarm computes)."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(CONFIG).eval()
+    lora = RemoteLoRA(CONFIG, ["self_attn.q_proj", "mlp.down_proj"], rank=4, alpha=8)
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(std=0.1)
+    lora.save_peft(tmp_path / "ad")
+    ids = torch.randint(0, 128, (2, 6))
+    merged = LlamaForCausalLM(CONFIG).eval()
+    merged.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for t, (a, b) in lora.weights().items():
+            for i, layer in enumerate(merged.model.layers):
+                layer.get_submodule(t).weight += lora.scale * b[i] @ a[i]
+        want = merged(ids).logits
+        got = peft.PeftModel.from_pretrained(base, tmp_path / "ad").eval()(ids).logits
+    assert (got - want).abs().max() < 1e-5
