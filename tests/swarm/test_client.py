@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from petald.client import ClientConfig, RemoteSequential, SwarmClient
 from petald.errors import RoutingError
 from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
+from petald.testing.models import save_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -34,19 +35,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("models") / MODEL
-    model.save_pretrained(path)
+    model = save_tiny_llama(path, layers=5, intermediate=128, vocab=128)
     return path, model
 
 

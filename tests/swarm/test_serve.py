@@ -13,10 +13,11 @@ import pytest
 import torch
 import trio
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from petald.server.handlers import FORWARD_PROTOCOL, INFO_PROTOCOL
 from petald.testing import DaemonProcess, petald_json, start_daemon, stop_all
+from petald.testing.models import save_tiny_llama
 from petald.testing.rpc import RawSession, rpc_call, rpc_client
 from petald.wire.messages import write_message
 
@@ -25,19 +26,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    model.save_pretrained(path)
+    model = save_tiny_llama(path, layers=4, intermediate=128, vocab=128)
     return path, model
 
 

@@ -23,8 +23,8 @@ import torch
 import trio
 
 from petald.errors import PetaldError
-from petald.server.ipc import TrioByteStream
 from petald.wire.messages import read_message, write_message
+from petald.wire.streams import TrioByteStream
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ import trio
 from petald.errors import MessageError
 from petald.server.adapters import LoRA, check_lora, from_named, load_peft_adapter, split_named
 from petald.server.blocks import Span, SpanCache
-from petald.server.ipc import TrioByteStream
 from petald.server.loading import load_span
 from petald.types import BlockRange
 from petald.wire.messages import read_message, write_message
+from petald.wire.streams import TrioByteStream
 
 log = logging.getLogger(__name__)
 

@@ -15,28 +15,9 @@ from petald.client.rpc import InferenceStream, call_forward, call_info, is_serve
 from petald.errors import BadReply, PeerUnavailable, RemoteError
 from petald.types import BlockRange
 from petald.wire.messages import read_message, write_message
+from petald.wire.streams import TrioByteStream
 
-
-class Adapter:
-    """A trio stream seen through the read/write interface of a libp2p stream."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-
-    async def read(self, n: int | None = None) -> bytes:
-        return await self.stream.receive_some(n or 65536)
-
-    async def write(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def close(self) -> None:
-        await self.stream.aclose()
-
-    async def reset(self) -> None:
-        await self.stream.aclose()
-
-
-Script = Callable[[Adapter], Awaitable[None]]
+Script = Callable[[TrioByteStream], Awaitable[None]]
 
 
 async def with_server(script: Script, body: Callable[[Callable], Awaitable[None]]) -> None:
@@ -45,10 +26,10 @@ async def with_server(script: Script, body: Callable[[Callable], Awaitable[None]
     error: list[BaseException] = []
     async with trio.open_nursery() as nursery:
 
-        async def opener(peer: str, protocol: str) -> Adapter:
+        async def opener(peer: str, protocol: str) -> TrioByteStream:
             ours, theirs = trio.testing.memory_stream_pair()
-            nursery.start_soon(script, Adapter(theirs))
-            return Adapter(ours)
+            nursery.start_soon(script, TrioByteStream(theirs))
+            return TrioByteStream(ours)
 
         try:
             await body(opener)
@@ -60,7 +41,7 @@ async def with_server(script: Script, body: Callable[[Callable], Awaitable[None]
 
 
 def answering(header: dict, tensors_of=lambda hidden: []) -> Script:
-    async def script(s: Adapter) -> None:
+    async def script(s: TrioByteStream) -> None:
         _, tensors = await read_message(s)
         await write_message(s, header, tensors_of(tensors[0] if tensors else None))
 
@@ -108,14 +89,14 @@ async def test_error_replies_say_whose_fault() -> None:
 
 
 async def test_garbage_silence_and_hangups() -> None:
-    async def garbage(s: Adapter) -> None:
+    async def garbage(s: TrioByteStream) -> None:
         await read_message(s)
         await s.write(b"\x05\xff\xff\xff\xff\xff")
 
-    async def silent(s: Adapter) -> None:
+    async def silent(s: TrioByteStream) -> None:
         await trio.sleep_forever()
 
-    async def hangup(s: Adapter) -> None:
+    async def hangup(s: TrioByteStream) -> None:
         await read_message(s)
         await s.close()
 
@@ -137,7 +118,7 @@ async def test_info_needs_a_model() -> None:
 
 
 async def test_inference_step_checks_step_and_position() -> None:
-    async def server(s: Adapter) -> None:
+    async def server(s: TrioByteStream) -> None:
         await read_message(s)
         await write_message(s, {"ok": True})
         header, (hidden,) = await read_message(s)

@@ -1,6 +1,6 @@
-"""`TrioByteStream`: a trio stream (the socket pair between the daemon and its compute process)
-seen through the `read`/`write` interface of a libp2p stream, so that both processes speak
-petald.wire.messages to each other exactly as peers do on the network."""
+"""`TrioByteStream`: a trio stream seen through the `read`/`write` interface of a libp2p stream,
+so that petald.wire.messages runs over it unchanged: the socket pair between `petald serve`'s
+daemon and its compute process, and in-memory streams in tests."""
 
 from __future__ import annotations
 
@@ -19,3 +19,7 @@ class TrioByteStream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    # libp2p's names for ending a stream; a trio stream has one way.
+    close = aclose
+    reset = aclose
