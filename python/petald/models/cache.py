@@ -67,6 +67,23 @@ class RemoteCache(Cache):
     def is_croppable(self) -> bool:
         return True
 
+    # What the remote layers are, as generate() asks of a cache's layers: attention with the
+    # whole history (not linear/SSM state, not a sliding window that forgets). With no local
+    # layers, the base class would answer with empty lists, and since transformers 5.24
+    # generate() takes `all([])` for "linear attention" and stops slicing the tokens the
+    # session already holds.
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False]
+
     @property
     def batch_size(self) -> int:
         return self.session.batch if self.session is not None else -1

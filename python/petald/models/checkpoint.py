@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from petald.errors import HubUnreachable
+from petald.hf_internals import gguf_names, gguf_processor
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -148,23 +149,10 @@ def _gguf_tensors(
 ) -> dict[str, torch.Tensor]:
     """Non-block GGUF tensors, dequantized, under the model's names (transformers' GGUF map)."""
     from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        read_field,
-    )
 
     reader = GGUFReader(str(path))
-    arch = read_field(reader, "general.architecture")[0]
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    kwargs = dict(model_type=config.model_type, num_layers=config.num_hidden_layers)
-    names = get_gguf_hf_weights_map(_Names(wanted), processor, **kwargs)
-    inner = [n.removeprefix(f"{prefix}.") for n in wanted if n.startswith(f"{prefix}.")]
-    for gguf_name, hf_name in get_gguf_hf_weights_map(
-        _Names(inner), processor, qual_name=f"{prefix}.", **kwargs
-    ).items():
-        names.setdefault(gguf_name, hf_name)
+    processor = gguf_processor(reader, config)
+    names = gguf_names(wanted, prefix, processor, config)
     out: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         if BLOCK_KEY.match(tensor.name):
@@ -176,16 +164,3 @@ def _gguf_tensors(
         if result.name in names and names[result.name] in wanted:
             out[names[result.name]] = torch.from_numpy(result.weights.copy())
     return out
-
-
-class _Names:
-    """What `get_gguf_hf_weights_map` reads from a model: its state-dict names, no children."""
-
-    def __init__(self, names: list[str]) -> None:
-        self._names = names
-
-    def state_dict(self) -> dict[str, None]:
-        return dict.fromkeys(self._names)
-
-    def named_children(self) -> list[tuple[str, object]]:
-        return []

@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.loss.loss_utils import ForSequenceClassificationLoss
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
+from petald.hf_internals import sequence_classification_loss, sequence_classifier_output
 from petald.models.auto import load
 from petald.models.modeling import DistributedModelForCausalLM
 
@@ -75,7 +74,7 @@ class DistributedModelForSequenceClassification(DistributedModelForCausalLM):
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         **kwargs: Any,
-    ) -> SequenceClassifierOutputWithPast:
+    ) -> Any:
         """As transformers' LlamaForSequenceClassification.forward (stateless)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -102,10 +101,8 @@ class DistributedModelForSequenceClassification(DistributedModelForCausalLM):
         pooled = logits[torch.arange(batch, device=logits.device), last]
         loss = None
         if labels is not None:
-            loss = ForSequenceClassificationLoss(labels, pooled, self.config)
-        return SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled, hidden_states=hidden_states
-        )
+            loss = sequence_classification_loss(labels, pooled, self.config)
+        return sequence_classifier_output(loss=loss, logits=pooled, hidden_states=hidden_states)
 
 
 class AutoDistributedModelForSequenceClassification:

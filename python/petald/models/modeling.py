@@ -25,20 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from petald.client import RemoteSequential, SwarmClient
+from petald.hf_internals import GENERATION_CACHE_NAME, RemoteCacheHooks, causal_lm_output, pop_cache
 from petald.models.cache import RemoteCache
 from petald.models.families import Layout, layout_for
 from petald.models.finetune import FineTuningMixin
 
 
-class DistributedModelForCausalLM(FineTuningMixin, PreTrainedModel, GenerationMixin):
+class DistributedModelForCausalLM(
+    RemoteCacheHooks, FineTuningMixin, PreTrainedModel, GenerationMixin
+):
     config_class = PretrainedConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _supports_sdpa = True  # attention runs on the servers; this only quiets transformers' checks
-    _tied_weights_keys = None  # tied by hand once the weights are loaded (`load_local_state`)
     layout: Layout | None = None  # set by the family classes; None: taken from the config
 
     def __init__(
@@ -162,13 +162,14 @@ class DistributedModelForCausalLM(FineTuningMixin, PreTrainedModel, GenerationMi
         """transformers' generate(), with the KV cache on the servers: the open
         `inference_session` if any (continued, see the module doc), else a session opened
         for this call and closed after it."""
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)  # `cache` or `past_key_values`, as the caller spelled it
         owned = None
         if cache is None and kwargs.get("use_cache", True):
             cache = self.active_session
             if cache is None:
                 owned = cache = self._new_cache()
-            kwargs["past_key_values"] = cache
+        if cache is not None:
+            kwargs[GENERATION_CACHE_NAME] = cache  # what this transformers' generate() reads
         if isinstance(cache, RemoteCache):
             mask = kwargs.get("attention_mask")
             ids = inputs if inputs is not None else kwargs.get("input_ids")
@@ -182,11 +183,9 @@ class DistributedModelForCausalLM(FineTuningMixin, PreTrainedModel, GenerationMi
             if owned is not None:
                 owned.close()
 
-    def _prepare_cache_for_generation(
-        self, generation_config: Any, model_kwargs: dict, generation_mode: Any, batch_size: int,
-        max_cache_length: int,
-    ) -> Any:  # fmt: skip
-        cache = model_kwargs.get("past_key_values")
+    def check_generation_cache(self, cache: Any, max_cache_length: int) -> None:
+        """generate() is about to run with `cache` (RemoteCacheHooks): only a RemoteCache will
+        do, and it must hold `max_cache_length` tokens."""
         if cache is not None and not isinstance(cache, RemoteCache):
             raise ValueError(
                 f"{type(cache).__name__}: the KV cache of a distributed model is on the servers; "
@@ -200,9 +199,6 @@ class DistributedModelForCausalLM(FineTuningMixin, PreTrainedModel, GenerationMi
                 f"generate() may need {max_cache_length}: lower max_new_tokens or open the "
                 "session with a larger max_length"
             )
-        return super()._prepare_cache_for_generation(
-            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
-        )
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -219,11 +215,14 @@ class DistributedModelForCausalLM(FineTuningMixin, PreTrainedModel, GenerationMi
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: RemoteCache | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> Any:
         """As the family's *ForCausalLM.forward. `attention_mask` (batch, seq) with 1 for real
         tokens (left padding); `position_ids` default to 0..seq-1 like transformers'. With a
-        `RemoteCache` in `past_key_values`, this is one step of its session."""
+        `RemoteCache` in `cache` (transformers >= 5.24 spelling) or `past_key_values`, this is
+        one step of its session."""
+        past_key_values = pop_cache(dict(cache=cache, past_key_values=past_key_values))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if output_attentions:
@@ -249,8 +248,8 @@ class DistributedModelForCausalLM(FineTuningMixin, PreTrainedModel, GenerationMi
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.get_text_config().vocab_size)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values, hidden_states=hidden_states
+        return causal_lm_output(
+            loss=loss, logits=logits, cache=past_key_values, hidden_states=hidden_states
         )
 
     def _new_cache(self, **kwargs: Any) -> RemoteCache:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers import DynamicCache
 
+from petald.hf_internals import crop_layer, reorder_layer, span_cache
 from petald.server.adapters import LoRA, add_prompt, applied
 from petald.server.checkpoint import LoadStats
 from petald.server.families import Family
@@ -51,8 +52,7 @@ class SpanCache:
         ):
             raise ValueError(f"reorder needs {self.batch_size} indices in [0, {self.batch_size})")
         for layer in self.kv.layers:
-            if layer.is_initialized:
-                layer.reorder_cache(indices.to(layer.keys.device))
+            reorder_layer(layer, indices)
 
     def rollback(self, position: int) -> None:
         """Forget every token at `position` and after (e.g. rejected speculative tokens)."""
@@ -61,11 +61,7 @@ class SpanCache:
             raise ValueError(f"cannot roll back to {position}: the cache holds {held} tokens")
         # Per layer, so that a step that failed halfway through the blocks is undone as well.
         for layer in self.kv.layers:
-            if not isinstance(layer, DynamicLayer):  # new_cache makes only these
-                raise TypeError(f"unexpected cache layer {type(layer).__name__}")
-            extra = layer.get_seq_length() - position
-            if extra > 0:
-                layer.crop(-extra)
+            crop_layer(layer, position)
         self.position = position
 
 
@@ -135,8 +131,7 @@ class Span(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not (isinstance(max_length, int) and max_length > 0):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        kv = DynamicCache()
-        kv.layers = [DynamicLayer() for _ in range(len(self.blocks))]  # slot = index in the span
+        kv = span_cache(len(self.blocks))  # slot = index in the span
         sub = self._sub_range(start_block, end_block)
         return SpanCache(kv, sub, batch_size, max_length)
 

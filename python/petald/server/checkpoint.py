@@ -21,6 +21,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from petald.errors import HubUnreachable
+from petald.hf_internals import gguf_names, gguf_processor
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -152,18 +153,12 @@ class GGUFBlocks:
 
     def __init__(self, path: Path, meta_model: PreTrainedModel, stats: LoadStats) -> None:
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            read_field,
-        )
 
         self._reader = GGUFReader(str(path))  # parses the metadata, maps the tensors lazily
-        arch = read_field(self._reader, "general.architecture")[0]
         config = meta_model.config
-        # The processors read head counts and sizes under HF config names, as to_dict() has them.
-        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-        self._names = _gguf_names(meta_model, self._processor)
+        self._processor = gguf_processor(self._reader, config)
+        names = list(meta_model.state_dict())  # meta tensors: names only
+        self._names = gguf_names(names, meta_model.base_model_prefix, self._processor, config)
         self._stats = stats
         stats.files.append(path.name)
         # The metadata (a tokenizer's worth of small arrays, ~150 MB of Python objects for a
@@ -199,37 +194,3 @@ class GGUFBlocks:
 
     def close(self) -> None:
         self._blocks.clear()
-
-
-class _StateNames:
-    """The two things `get_gguf_hf_weights_map` reads from a model: state-dict names and children.
-    Walking the real (meta) model instead costs seconds: it rebuilds gguf's name table for every
-    submodule."""
-
-    def __init__(self, names: list[str]) -> None:
-        self._names = names
-
-    def state_dict(self) -> dict[str, None]:
-        return dict.fromkeys(self._names)
-
-    def named_children(self) -> list[tuple[str, Any]]:
-        return []
-
-
-def _gguf_names(model: PreTrainedModel, processor: Any) -> dict[str, str]:
-    """GGUF tensor name -> the model's parameter name, with transformers' own GGUF name map. Some
-    checkpoints were converted from the base model (BLOOM's `h.N.*`), so names are tried both with
-    and without the base model prefix, as transformers does by recursing into the base model."""
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-    config = model.config
-    names = list(model.state_dict())
-    prefix = model.base_model_prefix
-    kwargs = dict(model_type=config.model_type, num_layers=config.num_hidden_layers)
-    mapping = get_gguf_hf_weights_map(_StateNames(names), processor, **kwargs)
-    inner = [n.removeprefix(f"{prefix}.") for n in names if n.startswith(f"{prefix}.")]
-    for gguf_name, hf_name in get_gguf_hf_weights_map(
-        _StateNames(inner), processor, qual_name=f"{prefix}.", **kwargs
-    ).items():
-        mapping.setdefault(gguf_name, hf_name)
-    return mapping

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import Cache, PretrainedConfig, PreTrainedModel
+
+from petald.hf_internals import (
+    bloom_alibi,
+    bloom_alibi_slopes,
+    cached_length,
+    causal_mask,
+    falcon_alibi,
+    kv_length,
+    layer_cache_arg,
+)
 
 Style = Literal["rotary", "falcon", "bloom"]
 
@@ -39,6 +46,9 @@ class Family:
     layers_path: str
     layer_types: tuple[str, ...]
     rotary: nn.Module | None  # the model's own rotary embedding class, built on the real device
+    cache_arg: (
+        str  # the keyword the layers take their KV cache under (renamed in transformers 5.24)
+    )
 
     def layer_kwargs(
         self,
@@ -58,28 +68,28 @@ class Family:
         if self.style == "falcon":
             kw = self._falcon(hidden, first_cache_idx, attention_mask, position_ids, cache)
             return [kw] * len(span_types)
-        masks = {}
-        for kind in dict.fromkeys(span_types):
-            sliding = kind == "sliding_attention"
-            make = create_sliding_window_causal_mask if sliding else create_causal_mask
-            masks[kind] = make(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=cache,
+        masks = {
+            # Sized against this call's first cache layer of that kind, as the model does with
+            # its first layer: the cache may cover other blocks than the ones run.
+            kind: causal_mask(
+                self.config,
+                hidden,
+                attention_mask,
+                cache,
+                first_cache_idx + span_types.index(kind),
+                sliding=kind == "sliding_attention",
                 position_ids=position_ids,
-                # Size the mask against this call's first cache layer of that kind, as the model
-                # does with its first layer: the cache may cover other blocks than the ones run.
-                layer_idx=first_cache_idx + span_types.index(kind),
             )
+            for kind in dict.fromkeys(span_types)
+        }
         cos_sin = self._cos_sin(hidden, position_ids)
         return [
             dict(
                 attention_mask=masks[kind],
                 position_ids=position_ids,
                 position_embeddings=cos_sin,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{self.cache_arg: cache},
             )
             for kind in span_types
         ]
@@ -92,44 +102,32 @@ class Family:
         return self.rotary(hidden, position_ids)
 
     def _bloom(self, hidden, first, attention_mask, cache) -> dict[str, Any]:
-        bloom = sys.modules["transformers.models.bloom.modeling_bloom"]
         batch, seq, _ = hidden.shape
         heads = self.config.n_head
         if attention_mask is None:
             # ALiBi only needs key positions 0..kv_length-1; softmax ignores the constant offset.
-            kv_len = cache.get_mask_sizes(seq, first)[0] if cache is not None else seq
-            slopes = bloom._get_alibi_slopes(heads, hidden.device)
+            kv_len = kv_length(cache, seq, first) if cache is not None else seq
+            slopes = bloom_alibi_slopes(heads, hidden.device)
             alibi = slopes[:, None, None] * torch.arange(kv_len, device=hidden.device)
             alibi = alibi.repeat(batch, 1, 1).to(hidden.dtype)  # (batch * heads, 1, kv)
         else:
-            alibi = bloom.build_alibi_tensor(attention_mask, heads, dtype=hidden.dtype)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            layer_idx=first,
-        )
+            alibi = bloom_alibi(attention_mask, heads, hidden.dtype)
+        mask = causal_mask(self.config, hidden, attention_mask, cache, first)
         return dict(alibi=alibi, attention_mask=mask, layer_past=cache, use_cache=cache is not None)
 
     def _falcon(self, hidden, first, attention_mask, position_ids, cache) -> dict[str, Any]:
-        falcon = sys.modules["transformers.models.falcon.modeling_falcon"]
         batch, seq, _ = hidden.shape
         heads = self.config.num_attention_heads
-        past = cache.layers[first].get_seq_length() if cache is not None else 0
+        past = cached_length(cache, first) if cache is not None else 0
         alibi = None
         if self.config.alibi:
             tokens = attention_mask
             if tokens is None:
                 tokens = torch.ones((batch, past + seq), device=hidden.device, dtype=torch.long)
-            alibi = falcon.build_alibi_tensor(tokens, heads, dtype=hidden.dtype)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            layer_idx=first,
-            allow_is_causal_skip=False,  # ALiBi is folded into a materialized mask below
+            alibi = falcon_alibi(tokens, heads, hidden.dtype)
+        # ALiBi is folded into a materialized mask below: no is-causal shortcut.
+        mask = causal_mask(
+            self.config, hidden, attention_mask, cache, first, allow_is_causal_skip=False
         )
         if alibi is not None and isinstance(mask, torch.Tensor) and mask.ndim == 4:
             # Falcon adds ALiBi to the attention scores through the mask (sdpa) as FalconModel does.
@@ -174,23 +172,31 @@ def family_for(model: PreTrainedModel, device: torch.device) -> Family:
     if not set(layer_types) <= SUPPORTED_LAYER_TYPES:
         kinds = sorted(set(layer_types) - SUPPORTED_LAYER_TYPES)
         raise ValueError(f"unsupported architecture {name}: layer types {kinds}")
-    params = inspect.signature(type(layers[0]).forward).parameters
     rotary = getattr(base, "rotary_emb", None)  # on meta: only its class is of use
     style: Style
     if config.model_type == "bloom":
         style = "bloom"
     elif config.model_type == "falcon":
         style = "falcon"
-    elif {"position_embeddings", "past_key_values"} <= params.keys() and rotary is not None:
+    elif rotary is not None and _takes_position_embeddings(layers[0]):
         style = "rotary"
     else:
         raise ValueError(
             f"unsupported architecture {name}: petald runs blocks that take rotary position "
             "embeddings (Llama, Mistral, Mixtral, Qwen2, Qwen3 and alike), Falcon and BLOOM"
         )
+    cache_arg = layer_cache_arg(layers[0])
     if rotary is not None and style != "bloom":
         rotary = type(rotary)(config=config).to(device)
-    return Family(style, config, path, layer_types, rotary)
+    return Family(style, config, path, layer_types, rotary, cache_arg)
+
+
+def _takes_position_embeddings(layer: nn.Module) -> bool:
+    """Rotary families compute cos/sin once in the model (its `rotary_emb`) and hand them to
+    every layer, whose attention applies them: a layer that has a KV cache argument and takes
+    `position_embeddings` is of that kind (GPT-NeoX-style layers rotate inside instead)."""
+    params = inspect.signature(type(layer).forward).parameters
+    return "position_embeddings" in params
 
 
 def _layer_types(config: PretrainedConfig) -> tuple[str, ...]:

@@ -9,9 +9,7 @@ layers, embeddings, the LM head — is ever read or allocated.
 
 from __future__ import annotations
 
-import copy
 import logging
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -19,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from petald.hf_internals import causal_lm_model_types, convert_block_tensors
 from petald.server.blocks import Span
 from petald.server.checkpoint import (
     CONFIG_NAME,
@@ -97,7 +95,7 @@ def load_span(
         bar = tqdm(range(start, end), desc=f"loading blocks {start}:{end}", disable=not progress)
         for i in bar:
             raw = reader.read_block(i)
-            state = _converted(meta, raw) if convert else raw
+            state = convert_block_tensors(meta, raw) if convert else raw
             block = _materialize(layers[i], i, i - start, state, family, torch_dtype, torch_device)
             if quant != "none":  # now, so that at most one block is ever held unquantized
                 quant_stats += quantize(block, quant)
@@ -165,7 +163,7 @@ def _config(where: Located, hub_dir: Path | None) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(str(where.path.parent), gguf_file=where.path.name)
     else:
         config = AutoConfig.from_pretrained(str(hub_dir or where.path))
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if config.model_type not in causal_lm_model_types():
         raise ValueError(
             f"unsupported architecture: model_type {config.model_type!r} is not a causal LM "
             "that the installed transformers knows"
@@ -195,42 +193,6 @@ def _hub_patterns(directory: Path, pattern: Any, start: int, end: int) -> list[s
     by_block = tensors_by_block(names, pattern)
     shards = {names[n] for b in range(start, end) for n in by_block.get(b, [])}
     return [CONFIG_NAME, INDEX_NAME, *sorted(shards)]
-
-
-def _converted(meta: PreTrainedModel, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint names and layouts -> the model's, with transformers' own conversion rules (the
-    ones `from_pretrained` applies), on one block's tensors only."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (
-        WeightConverter,
-        WeightRenaming,
-        dot_natural_key,
-        rename_source_key,
-    )
-
-    rules = get_model_conversion_mapping(meta)
-    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
-    converters = [r for r in rules if isinstance(r, WeightConverter)]
-    by_pattern = {p: c for c in converters for p in c.source_patterns}
-    expected = meta.state_dict()  # meta tensors: names and shapes only
-    prefix = meta.base_model_prefix
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, WeightConverter] = {}
-    for key in sorted(raw, key=dot_natural_key):
-        target, source_pattern = rename_source_key(key, renamings, converters, prefix, expected)
-        if target not in expected and key in expected:
-            target, source_pattern = rename_source_key(key, [], [], prefix, expected)
-        if source_pattern is None:
-            out[target] = raw[key]
-            continue
-        converter = pending.setdefault(target, copy.deepcopy(by_pattern[source_pattern]))
-        ready: Future[torch.Tensor] = Future()  # converters collect futures of loaded tensors
-        ready.set_result(raw[key])
-        converter.add_tensor(target, key, source_pattern, ready)
-    for target, converter in pending.items():
-        for name, value in converter.convert(target, model=meta, config=meta.config).items():
-            out[name] = value[0] if isinstance(value, list) else value
-    return out
 
 
 def _materialize(

@@ -1,0 +1,339 @@
+"""The one seam between petald and transformers' internals: everything petald takes from
+transformers beyond its public top-level API (`from transformers import X`) goes through here,
+each use named with why it is needed. tests/unit/test_hf_internals.py pins the behaviour of each
+one, and tests/unit/test_layering.py checks that no other module reaches into transformers'
+submodules. When a transformers upgrade breaks petald, it breaks here first (`just test-latest`).
+
+Uses, by who needs them:
+- Server blocks (`petald.server.families`, `.blocks`): the mask builders the model's own forward
+  calls before its layer loop (`create_causal_mask`, `create_sliding_window_causal_mask`; their
+  cache argument was renamed `past_key_values` -> `cache` in 5.24), BLOOM's and Falcon's ALiBi
+  helpers, the KV-cache argument of each decoder layer (also renamed in 5.24) and a
+  `DynamicCache` made of one `DynamicLayer` per served block.
+- Server loading (`petald.server.loading`, `.checkpoint`): the causal-LM model-type table,
+  transformers' checkpoint conversion rules (renamings and converters that `from_pretrained`
+  applies: Mixtral's per-expert weights fused into one tensor, ...), and the GGUF name maps and
+  tensor processors (llama.cpp's Q/K permutation undone).
+- Client model (`petald.models`): the name generate() gives the cache in model kwargs and
+  outputs (`cache` from 5.24, `past_key_values` before), the hook generate() calls to prepare a
+  cache (`_prepare_cache_for_generation`), output dataclasses, and the sequence classification
+  loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+VERSION = transformers.__version__
+
+# ---- the KV-cache argument, renamed in 5.24 --------------------------------------------------
+
+CACHE_NAMES = ("cache", "past_key_values")  # the current spelling first
+
+
+def _cache_param(fn: Callable[..., Any], names: tuple[str, ...] = CACHE_NAMES) -> str | None:
+    params = inspect.signature(fn).parameters
+    return next((n for n in names if n in params), None)
+
+
+# What generate() and the models' forward call the cache (model kwargs, outputs): 5.24 renamed
+# `past_key_values` to `cache` everywhere, with a deprecation shim until 5.40.
+GENERATION_CACHE_NAME: str = (
+    "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
+_MASK_CACHE_NAME = _cache_param(create_causal_mask) or "past_key_values"
+
+
+def layer_cache_arg(layer: nn.Module) -> str:
+    """The keyword under which a decoder layer takes its KV cache: `cache` (transformers >= 5.24),
+    `past_key_values` (before), `layer_past` (BLOOM, Falcon)."""
+    name = _cache_param(type(layer).forward, (*CACHE_NAMES, "layer_past"))
+    if name is None:
+        raise ValueError(f"{type(layer).__name__}.forward takes no KV cache argument")
+    return name
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a caller passed under either spelling (removed from `kwargs`); both given is
+    an error rather than a silent choice."""
+    given = {n: kwargs.pop(n) for n in CACHE_NAMES if kwargs.get(n) is not None}
+    for n in CACHE_NAMES:
+        kwargs.pop(n, None)
+    if len(given) > 1:
+        raise ValueError("pass the cache as `cache` or `past_key_values`, not both")
+    return next(iter(given.values()), None)
+
+
+# ---- masks and position biases the model's forward builds before its layers ------------------
+
+
+def causal_mask(
+    config: PretrainedConfig,
+    hidden: torch.Tensor,  # (batch, seq, hidden)
+    attention_mask: torch.Tensor | None,  # (batch, past + seq)
+    cache: Cache | None,
+    layer_idx: int,
+    *,
+    sliding: bool = False,
+    position_ids: torch.Tensor | None = None,
+    allow_is_causal_skip: bool = True,
+) -> Any:
+    """The mask the model's forward gives its full (or sliding-window) attention layers, sized
+    against cache layer `layer_idx` (a span's cache may cover other blocks than those run)."""
+    kwargs: dict[str, Any] = dict(
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        layer_idx=layer_idx,
+    )
+    kwargs[_MASK_CACHE_NAME] = cache
+    if sliding:
+        return create_sliding_window_causal_mask(**kwargs)
+    return create_causal_mask(**kwargs, allow_is_causal_skip=allow_is_causal_skip)
+
+
+def bloom_alibi_slopes(heads: int, device: torch.device) -> torch.Tensor:
+    """BLOOM's per-head ALiBi slopes, (heads,)."""
+    from transformers.models.bloom import modeling_bloom
+
+    return modeling_bloom._get_alibi_slopes(heads, device)
+
+
+def bloom_alibi(attention_mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """BLOOM's ALiBi bias for a (batch, kv) mask: (batch * heads, 1, kv)."""
+    from transformers.models.bloom import modeling_bloom
+
+    return modeling_bloom.build_alibi_tensor(attention_mask, heads, dtype=dtype)
+
+
+def falcon_alibi(attention_mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Falcon's ALiBi bias for a (batch, kv) mask: (batch * heads, 1, kv)."""
+    from transformers.models.falcon import modeling_falcon
+
+    return modeling_falcon.build_alibi_tensor(attention_mask, heads, dtype=dtype)
+
+
+# ---- the servers' KV cache --------------------------------------------------------------------
+
+
+def span_cache(n_layers: int) -> DynamicCache:
+    """A cache of `n_layers` plain (full-history) layers: slot i is the span's i-th block. Not
+    `DynamicCache(config=...)`, which would give sliding layers that drop old tokens and make
+    rollback impossible (the window is applied by the mask instead, which is exact)."""
+    kv = DynamicCache()
+    kv.layers = [DynamicLayer() for _ in range(n_layers)]
+    return kv
+
+
+def crop_layer(layer: Any, length: int) -> None:
+    """Keep the first `length` tokens of one cache layer (rollback of a session)."""
+    if not isinstance(layer, DynamicLayer):  # span_cache makes only these
+        raise TypeError(f"unexpected cache layer {type(layer).__name__}")
+    extra = layer.get_seq_length() - length
+    if extra > 0:
+        layer.crop(-extra)  # a negative count removes that many tokens from the end
+
+
+def reorder_layer(layer: Any, indices: torch.Tensor) -> None:
+    """Beam search on one cache layer: sequence i becomes the former sequence indices[i]."""
+    if layer.is_initialized:
+        layer.reorder_cache(indices.to(layer.keys.device))
+
+
+def kv_length(cache: Cache, seq: int, layer_idx: int) -> int:
+    """Keys a mask for `seq` new tokens must cover at cache layer `layer_idx` (past + seq)."""
+    return cache.get_mask_sizes(seq, layer_idx)[0]
+
+
+def cached_length(cache: Cache, layer_idx: int) -> int:
+    """Tokens cache layer `layer_idx` holds."""
+    return cache.layers[layer_idx].get_seq_length()
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def causal_lm_model_types() -> dict[str, str]:
+    """model_type -> *ForCausalLM class name, for every causal LM transformers has."""
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def convert_block_tensors(
+    meta: PreTrainedModel, raw: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Checkpoint names and layouts -> the model's, with the conversion rules `from_pretrained`
+    applies (renamings, and converters such as Mixtral's per-expert weights fused into one
+    tensor), on one block's tensors only."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    rules = get_model_conversion_mapping(meta)
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    expected = meta.state_dict()  # meta tensors: names and shapes only
+    prefix = meta.base_model_prefix
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, Any] = {}
+    for key in sorted(raw, key=dot_natural_key):
+        target, source_pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if target not in expected and key in expected:
+            target, source_pattern = rename_source_key(key, [], [], prefix, expected)
+        if source_pattern is None:
+            out[target] = raw[key]
+            continue
+        converter = pending.setdefault(target, copy.deepcopy(by_pattern[source_pattern]))
+        ready: Future[torch.Tensor] = Future()  # converters collect futures of loaded tensors
+        ready.set_result(raw[key])
+        converter.add_tensor(target, key, source_pattern, ready)
+    for target, converter in pending.items():
+        for name, value in converter.convert(target, model=meta, config=meta.config).items():
+            out[name] = value[0] if isinstance(value, list) else value
+    return out
+
+
+class _StateNames:
+    """The two things `get_gguf_hf_weights_map` reads from a model: state-dict names and children.
+    Walking the real (meta) model instead costs seconds: it rebuilds gguf's name table for every
+    submodule."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = names
+
+    def state_dict(self) -> dict[str, None]:
+        return dict.fromkeys(self._names)
+
+    def named_children(self) -> list[tuple[str, Any]]:
+        return []
+
+
+def gguf_processor(reader: Any, config: PretrainedConfig) -> Any:
+    """transformers' tensor processor for a GGUF file's architecture (it undoes llama.cpp's
+    layout changes, e.g. the Q/K permutation, and merges MoE experts)."""
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        read_field,
+    )
+
+    arch = read_field(reader, "general.architecture")[0]
+    # The processors read head counts and sizes under HF config names, as to_dict() has them.
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+
+
+def gguf_names(
+    names: list[str], prefix: str, processor: Any, config: PretrainedConfig
+) -> dict[str, str]:
+    """GGUF tensor name -> the model's parameter name among `names`, with transformers' GGUF name
+    map. Some checkpoints were converted from the base model (BLOOM's `h.N.*`), so names are
+    tried both with and without the base model `prefix`, as transformers does by recursing into
+    the base model."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    kwargs = dict(model_type=config.model_type, num_layers=config.num_hidden_layers)
+    mapping = get_gguf_hf_weights_map(_StateNames(names), processor, **kwargs)
+    inner = [n.removeprefix(f"{prefix}.") for n in names if n.startswith(f"{prefix}.")]
+    for gguf_name, hf_name in get_gguf_hf_weights_map(
+        _StateNames(inner), processor, qual_name=f"{prefix}.", **kwargs
+    ).items():
+        mapping.setdefault(gguf_name, hf_name)
+    return mapping
+
+
+# ---- the client model -------------------------------------------------------------------------
+
+
+def causal_lm_output(
+    *,
+    loss: torch.Tensor | None,
+    logits: torch.Tensor,
+    cache: Any,
+    hidden_states: tuple[torch.Tensor, ...] | None,
+) -> CausalLMOutputWithPast:
+    """A *ForCausalLM output; the cache under the name generate() reads back."""
+    fields = dict(loss=loss, logits=logits, hidden_states=hidden_states)
+    fields[GENERATION_CACHE_NAME] = cache
+    return CausalLMOutputWithPast(**fields)
+
+
+def sequence_classifier_output(
+    *, loss: torch.Tensor | None, logits: torch.Tensor, hidden_states: Any
+) -> SequenceClassifierOutputWithPast:
+    return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+def sequence_classification_loss(
+    labels: torch.Tensor, logits: torch.Tensor, config: PretrainedConfig
+) -> torch.Tensor:
+    """transformers' loss for *ForSequenceClassification (problem type inferred as it does)."""
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+    return ForSequenceClassificationLoss(labels, logits, config)
+
+
+class RemoteCacheHooks:
+    """For a `PreTrainedModel` + `GenerationMixin` whose KV cache lives elsewhere; list it
+    first among the bases. generate() calls `_prepare_cache_for_generation` to make a
+    `DynamicCache` unless one was given; the model's `check_generation_cache(cache,
+    max_cache_length)` sees the cache first (and may size it)."""
+
+    # Attention runs on the servers: these only quiet transformers' checks of the local model.
+    _supports_sdpa = True
+    _tied_weights_keys = None  # tied by hand once the weights are loaded
+
+    def check_generation_cache(self, cache: Any, max_cache_length: int) -> None:
+        raise NotImplementedError
+
+    def _prepare_cache_for_generation(
+        self, generation_config: Any, model_kwargs: dict, generation_mode: Any, batch_size: int,
+        max_cache_length: int,
+    ) -> Any:  # fmt: skip
+        self.check_generation_cache(model_kwargs.get(GENERATION_CACHE_NAME), max_cache_length)
+        return super()._prepare_cache_for_generation(  # type: ignore[misc]
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
+
+__all__ = [
+    "CACHE_NAMES",
+    "GENERATION_CACHE_NAME",
+    "VERSION",
+    "RemoteCacheHooks",
+    "bloom_alibi",
+    "bloom_alibi_slopes",
+    "cached_length",
+    "causal_lm_model_types",
+    "causal_lm_output",
+    "causal_mask",
+    "convert_block_tensors",
+    "crop_layer",
+    "falcon_alibi",
+    "gguf_names",
+    "gguf_processor",
+    "kv_length",
+    "layer_cache_arg",
+    "pop_cache",
+    "reorder_layer",
+    "sequence_classification_loss",
+    "sequence_classifier_output",
+    "span_cache",
+]
