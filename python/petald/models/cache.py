@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
+from transformers import Cache
 
 from petald.client import InferenceSession, RemoteSequential, SessionStats
 

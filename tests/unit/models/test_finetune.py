@@ -41,9 +41,9 @@ def test_lora_starts_as_the_unchanged_model_and_saves_in_peft_layout(tmp_path) -
     for t, (x, y) in lora.weights().items():
         assert torch.equal(back.weights()[t][0], x) and torch.equal(back.weights()[t][1], y)
     # The server's loader (petald serve --adapters) reads the same blocks and scale.
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers import LlamaForCausalLM
 
-    layers = [LlamaDecoderLayer(CONFIG, i) for i in (1, 2)]
+    layers = list(LlamaForCausalLM(CONFIG).model.layers[1:3])
     served = load_peft_adapter(tmp_path / "ad", range(1, 3), layers)
     assert served.scale == 2.0
     assert torch.equal(served.weights["self_attn.k_proj"][1], b[1:3])

@@ -1,0 +1,263 @@
+"""Pins what petald takes from transformers' internals (`petald.hf_internals`), one test per use,
+so that an upgrade that changes one fails here by name; and checks that nothing else in petald,
+its tests or benches reaches past transformers' public top-level API."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BloomConfig,
+    DynamicCache,
+    FalconConfig,
+    GenerationMixin,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PretrainedConfig,
+)
+
+from petald import hf_internals as hf
+
+REPO = Path(__file__).resolve().parents[2]
+SEAM = REPO / "python/petald/hf_internals.py"
+# Private names of transformers that only the seam may use.
+PRIVATE = ("_prepare_cache_for_generation", "_get_alibi_slopes", "_supports_sdpa")
+LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def test_only_the_seam_reaches_into_transformers() -> None:
+    bad = []
+    for path in sorted([*REPO.glob("python/**/*.py"), *REPO.glob("tests/**/*.py")]):
+        if path == SEAM:
+            continue
+        bad += [f"{path.relative_to(REPO)}:{n}" for n in _internal_uses(path) if n]
+    for path in sorted(REPO.glob("bench/*.py")):
+        bad += [f"{path.relative_to(REPO)}:{n}" for n in _internal_uses(path) if n]
+    assert not bad, "transformers internals outside petald.hf_internals: " + ", ".join(bad)
+
+
+def _internal_uses(path: Path) -> list[int]:
+    """Lines that import a transformers submodule, name one in a string (sys.modules, lazy
+    imports) or use a private transformers name."""
+    this_file = path.resolve() == Path(__file__).resolve()  # its own PRIVATE list is no use
+    lines = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and not this_file:
+            names = [node.value]
+        if any(n.startswith("transformers.") or n in PRIVATE for n in names):
+            lines.add(node.lineno)
+        attr = getattr(node, "attr", None) if not this_file else None
+        if attr in PRIVATE or (isinstance(node, ast.FunctionDef) and node.name in PRIVATE):
+            lines.add(node.lineno)
+    return sorted(lines)
+
+
+def test_the_check_sees_each_kind_of_use(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import transformers.cache_utils\n"
+        "from transformers.masking_utils import create_causal_mask\n"
+        "import sys\nm = sys.modules['transformers.models.bloom.modeling_bloom']\n"
+        "class M:\n    def _prepare_cache_for_generation(self): ...\n"
+        "x = m._get_alibi_slopes\n"
+        "from transformers import DynamicCache\n"
+    )
+    assert _internal_uses(probe) == [1, 2, 4, 6, 7]
+
+
+# ---- the cache argument ------------------------------------------------------------------------
+
+
+def test_generation_cache_name_is_what_the_model_returns() -> None:
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3]]), use_cache=True)
+    assert isinstance(out[hf.GENERATION_CACHE_NAME], DynamicCache)
+    assert hf.GENERATION_CACHE_NAME in inspect.signature(model.forward).parameters
+    got = hf.causal_lm_output(loss=None, logits=out.logits, cache="c", hidden_states=None)
+    assert got[hf.GENERATION_CACHE_NAME] == "c"
+
+
+def test_layer_cache_arg_is_the_one_the_layer_fills() -> None:
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    layer = model.model.layers[0]
+    name = hf.layer_cache_arg(layer)
+    assert name in hf.CACHE_NAMES
+    kv = hf.span_cache(2)
+    hidden = torch.randn(1, 3, 32)
+    positions = torch.arange(3)[None]
+    cos_sin = model.model.rotary_emb(hidden, positions)
+    with torch.no_grad():
+        layer(hidden, position_embeddings=cos_sin, use_cache=True, **{name: kv})
+    assert hf.cached_length(kv, 0) == 3 and hf.cached_length(kv, 1) == 0
+
+
+@pytest.mark.parametrize(
+    "config", [BloomConfig(hidden_size=32, n_layer=1, n_head=4), FalconConfig(**LLAMA)]
+)
+def test_alibi_families_take_layer_past(config: PretrainedConfig) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert hf.layer_cache_arg(model.base_model.h[0]) == "layer_past"
+
+
+def test_pop_cache_takes_either_spelling_not_both() -> None:
+    for name in hf.CACHE_NAMES:
+        kwargs = {name: "c", "other": 1}
+        assert hf.pop_cache(kwargs) == "c" and kwargs == {"other": 1}
+    assert hf.pop_cache({"cache": None, "past_key_values": None}) is None
+    with pytest.raises(ValueError, match="not both"):
+        hf.pop_cache({"cache": "a", "past_key_values": "b"})
+
+
+# ---- masks and biases --------------------------------------------------------------------------
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """(q, kv) bool: where attention is allowed."""
+    mask = mask[0, 0]
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def test_causal_mask_blocks_the_future_and_padding() -> None:
+    config = LlamaConfig(**LLAMA, attn_implementation="eager")  # a materialized mask
+    hidden = torch.zeros(1, 4, 32)
+    mask = hf.causal_mask(config, hidden, torch.tensor([[0, 1, 1, 1]]), None, 0)
+    want = torch.ones(4, 4, dtype=torch.bool).tril()
+    want[:, 0] = False
+    assert torch.equal(_allowed(mask), want)
+
+
+def test_sliding_mask_keeps_the_window() -> None:
+    config = MistralConfig(**LLAMA, sliding_window=2, attn_implementation="eager")
+    hidden = torch.zeros(1, 4, 32)
+    mask = hf.causal_mask(config, hidden, torch.ones(1, 4, dtype=torch.long), None, 0, sliding=True)
+    want = torch.ones(4, 4, dtype=torch.bool).tril() & ~torch.ones(4, 4, dtype=torch.bool).tril(-2)
+    assert torch.equal(_allowed(mask), want)
+
+
+def test_masks_and_lengths_follow_the_cache_layer() -> None:
+    config = LlamaConfig(**LLAMA, attn_implementation="eager")
+    kv = hf.span_cache(2)
+    keys = torch.randn(2, 2, 3, 8)  # (batch, kv heads, seq, head dim)
+    kv.update(keys, keys.clone(), 1)  # only the second block holds 3 tokens
+    assert hf.kv_length(kv, 2, 1) == 5 and hf.kv_length(kv, 2, 0) == 2
+    mask = hf.causal_mask(config, torch.zeros(2, 2, 32), torch.ones(2, 5, dtype=torch.long), kv, 1)
+    assert _allowed(mask).shape == (2, 5)
+    assert torch.equal(_allowed(mask), torch.ones(2, 5, dtype=torch.bool).tril(3))
+
+
+def test_rollback_and_beam_reorder_of_a_cache_layer() -> None:
+    kv = hf.span_cache(1)
+    keys = torch.arange(2 * 5, dtype=torch.float).reshape(2, 1, 5, 1)  # (batch, heads, seq, dim)
+    kv.update(keys, keys.clone(), 0)
+    layer = kv.layers[0]
+    hf.crop_layer(layer, 3)
+    assert hf.cached_length(kv, 0) == 3 and torch.equal(layer.keys, keys[:, :, :3])
+    hf.crop_layer(layer, 4)  # longer than held: nothing to do
+    assert hf.cached_length(kv, 0) == 3
+    hf.reorder_layer(layer, torch.tensor([1, 1]))
+    assert torch.equal(layer.keys[0], keys[1, :, :3])
+    with pytest.raises(TypeError):
+        hf.crop_layer(object(), 0)
+
+
+def test_alibi_helpers() -> None:
+    slopes = hf.bloom_alibi_slopes(4, torch.device("cpu"))
+    assert slopes.shape == (4,) and bool((slopes > 0).all())
+    alibi = hf.bloom_alibi(torch.ones(1, 5, dtype=torch.long), 4, torch.float32)
+    assert alibi.shape == (4, 1, 5)
+    # With no padding, BLOOM's bias is the slopes times the key positions (petald's fast path).
+    assert torch.allclose(alibi, slopes[:, None, None] * torch.arange(5))
+    falcon = hf.falcon_alibi(torch.ones(2, 3, dtype=torch.long), 4, torch.float32)
+    assert falcon.shape == (8, 1, 3)
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def test_causal_lm_model_types() -> None:
+    types = hf.causal_lm_model_types()
+    assert types["llama"] == "LlamaForCausalLM" and types["mixtral"] == "MixtralForCausalLM"
+
+
+def test_convert_block_tensors_fuses_mixtral_experts(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = MixtralConfig(**LLAMA, num_local_experts=2, num_experts_per_tok=1)
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    raw = {k: v for k, v in saved.items() if k.startswith("model.layers.0.")}
+    assert any(".experts.0." in k for k in raw)  # the checkpoint has one tensor per expert
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    got = hf.convert_block_tensors(meta, raw)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    want = {k: v for k, v in loaded.state_dict().items() if k.startswith("model.layers.0.")}
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_gguf_maps_of_the_real_model() -> None:
+    from gguf import GGUFReader
+
+    from petald.testing.models import smollm2_gguf
+
+    path = smollm2_gguf()
+    reader = GGUFReader(str(path))
+    config = LlamaConfig(**dict(LLAMA, num_hidden_layers=30))
+    processor = hf.gguf_processor(reader, config)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"]
+    mapping = hf.gguf_names(names, "model", processor, config)
+    assert mapping["blk.0.attn_q.weight"] == names[0]
+    assert mapping["output_norm.weight"] == "model.norm.weight"
+
+
+# ---- the client model --------------------------------------------------------------------------
+
+
+def test_sequence_classification_loss() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    config = LlamaConfig(**LLAMA, num_labels=2)
+    got = hf.sequence_classification_loss(labels, logits, config)
+    assert torch.allclose(got, torch.nn.functional.cross_entropy(logits, labels))
+    out = hf.sequence_classifier_output(loss=got, logits=logits, hidden_states=None)
+    assert out.loss is got and out.logits is logits
+
+
+def test_generate_still_prepares_its_cache_through_the_hook() -> None:
+    params = list(inspect.signature(GenerationMixin._prepare_cache_for_generation).parameters)
+    assert params == [
+        "self",
+        "generation_config",
+        "model_kwargs",
+        "generation_mode",
+        "batch_size",
+        "max_cache_length",
+    ]
+    assert "_prepare_cache_for_generation" in inspect.getsource(GenerationMixin.generate)
