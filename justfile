@@ -85,3 +85,8 @@ bench: setup
 # Regenerate the committed Python code for proto/ (pinned protoc; tests fail on drift).
 proto:
     "{{py}}" proto/generate.py
+
+# An abi3 wheel (any CPython >= 3.11) in dist/; prints its path. README: "Installing from a wheel".
+wheel:
+    maturin build --release --out dist
+    @ls -t dist/petald-*.whl | head -n 1
