@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from petald.cli.local_swarm import LocalSwarm, LocalSwarmConfig, demo_model
+from petald.cli.preload import preload
 from petald.cli.tokenizer import load_tokenizer
 from petald.errors import RoutingError
 
@@ -195,6 +196,10 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
             swarm = stack.enter_context(LocalSwarm(swarm_config))
             peers, name = swarm.initial_peers, swarm.model_name
             wait += swarm_config.ready_timeout  # it waits while the servers load
+        # The imports, in this thread, before the loading threads start: two threads importing
+        # transformers' lazy modules at once can see each other's half-imported modules (see
+        # petald.cli.preload). The local swarm's own threads only read its processes' output.
+        preload(source)
         # Started once the servers are: before, it would slow the node's start for nothing.
         tokenizer = Background(load_tokenizer, source)
         # Our own client, closed before the swarm stops: a load still waiting for the servers
