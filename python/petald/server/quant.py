@@ -11,7 +11,8 @@ NormalFloat in blocks of 64 with double-quantized scales, computing in the span'
 Everything else stays in the span's dtype: norms, routers, and MoE experts that transformers
 stores as fused 3D parameters (e.g. Mixtral's `experts.gate_up_proj`), which no bitsandbytes
 Linear can hold. Quantization runs on the weights' own device, so the same code serves CUDA and
-CPU (bitsandbytes 0.50, the version tested, has CPU kernels for both modes).
+CPU (bitsandbytes 0.50, the version tested, has CPU kernels for both modes; on CPUs with
+AVX512-BF16, NF4 layers of shapes its fused kernel cannot hold are kept off that kernel).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from torch import nn
 QUANT_MODES = ("none", "int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, the paper's and transformers' default
 NF4_BLOCKSIZE = 64  # QLoRA's block size: one absmax scale per 64 weights
+# On a CPU with AVX512-BF16, bitsandbytes (since 0.49, its PR #1804) repacks a Linear4bit's weight
+# for its fused CPU kernel on the first inference forward: tiles of 32 output rows, the absmax
+# scales reshaped to (out_features, in_features // blocksize). It neither checks nor falls back,
+# so other shapes fail there (96 -> 64: "shape '[64, 1]' is invalid for input of size 96");
+# `_quantized` keeps them on the generic CPU path (dequantize, then matmul), as on other CPUs.
+CPU_PACK_ROWS = 32
 
 
 @dataclass
@@ -145,6 +152,8 @@ def _quantized(linear: nn.Linear, mode: str) -> nn.Module:
             bnb_quantized=True,
         )
         new.quant_state = state
+        if linear.out_features % CPU_PACK_ROWS or linear.in_features % NF4_BLOCKSIZE:
+            new.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward (see above)
     if has_bias:
         new.bias = linear.bias  # kept in the span's dtype; already frozen by the loader
     new.train(linear.training)

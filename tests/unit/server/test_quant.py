@@ -13,7 +13,13 @@ from torch import nn
 
 from petald.server import load_span
 from petald.server import quant as quant_module
-from petald.server.quant import QUANT_MODES, quantize, require_kernels, state_bytes
+from petald.server.quant import (
+    NF4_BLOCKSIZE,
+    QUANT_MODES,
+    quantize,
+    require_kernels,
+    state_bytes,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -117,6 +123,27 @@ def test_quantized_span_gives_input_gradients(mode, saved_model, hidden_of, batc
 
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
     assert hidden.grad.abs().sum() > 0
+
+
+def test_nf4_shapes_the_avx512_bf16_cpu_kernel_cannot_hold_run_on_such_a_cpu(monkeypatch):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks an NF4 weight for its fused kernel on the
+    first inference forward, which needs out_features % 32 == 0 and in_features % 64 == 0; the
+    tiny llama's down_proj (96 -> 64) failed there: "shape '[64, 1]' is invalid for input of
+    size 96". Such a CPU is simulated (bitsandbytes asks `has_avx512bf16` when a layer is made);
+    only the odd layer runs, since this machine may lack the fused kernel the other would use."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"odd": nn.Linear(96, 64), "even": nn.Linear(64, 2 * NF4_BLOCKSIZE)})
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        ref = block["odd"](x)
+
+    assert quantize(block, "nf4").replaced == 2
+    with torch.no_grad():
+        out = block["odd"].eval()(x)  # eval and no grad: the forward that repacks
+
+    assert _rel_error(out, ref) < 0.2  # one NF4 Linear: ~0.1 (see MAX_REL_ERROR)
+    assert block["even"].support_avx512bf16_for_cpu  # the others keep the fused kernel
 
 
 def test_unknown_mode_is_refused(saved_model):
