@@ -14,6 +14,9 @@ Uses, by who needs them:
   transformers' checkpoint conversion rules (renamings and converters that `from_pretrained`
   applies: Mixtral's per-expert weights fused into one tensor, ...), and the GGUF name maps and
   tensor processors (llama.cpp's Q/K permutation undone).
+- Client start-up (`petald.cli.preload`): the modules transformers imports lazily (inside its
+  functions, or through its lazy modules), imported in the main thread before loading threads
+  start, because two threads importing one module graph at once can fail (issue 16).
 - Client model (`petald.models`): the name generate() gives the cache in model kwargs and
   outputs (`cache` from 5.24, `past_key_values` before), the hook generate() calls to prepare a
   cache (`_prepare_cache_for_generation`), output dataclasses, and the sequence classification
@@ -23,8 +26,10 @@ Uses, by who needs them:
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
-from collections.abc import Callable
+import pkgutil
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -313,6 +318,42 @@ class RemoteCacheHooks:
         )
 
 
+# ---- imports transformers makes lazily ---------------------------------------------------------
+
+LAZY_MODULES = (
+    "transformers.generation.utils",  # GenerationMixin.generate
+    "transformers.generation.streamers",  # TextStreamer
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.tokenization_utils_tokenizers",  # TokenizersBackend, PreTrainedTokenizerFast
+    "transformers.convert_slow_tokenizer",
+    "transformers.modeling_gguf_pytorch_utils",  # a GGUF file's config, tensors, tokenizer
+    "transformers.integrations.ggml",
+)
+# Packages whose every module is imported: transformers' GGUF support is a lazy package whose
+# modules the config, tensor and tokenizer readers each reach for separately.
+WHOLE_PACKAGES = ("transformers.integrations.gguf",)
+
+
+def import_lazy_modules(model_types: Iterable[str], tokenizer_class: str | None = None) -> None:
+    """Imports what transformers would import lazily when loading a model of one of
+    `model_types` and its tokenizer (and `tokenizer_class`, when a checkpoint names one)."""
+    from transformers.models.auto import tokenization_auto
+
+    for name in LAZY_MODULES:
+        importlib.import_module(name)
+    for name in WHOLE_PACKAGES:
+        package = importlib.import_module(name)
+        for module in pkgutil.iter_modules(package.__path__, prefix=f"{name}."):
+            importlib.import_module(module.name)
+    for model_type in model_types:
+        getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        if tokenizer := tokenization_auto.TOKENIZER_MAPPING_NAMES.get(model_type):
+            tokenization_auto.tokenizer_class_from_name(tokenizer)
+    if tokenizer_class:
+        tokenization_auto.tokenizer_class_from_name(tokenizer_class)
+
+
 __all__ = [
     "CACHE_NAMES",
     "GENERATION_CACHE_NAME",
@@ -329,6 +370,7 @@ __all__ = [
     "falcon_alibi",
     "gguf_names",
     "gguf_processor",
+    "import_lazy_modules",
     "kv_length",
     "layer_cache_arg",
     "pop_cache",

@@ -20,54 +20,26 @@ from __future__ import annotations
 
 import importlib
 import json
-import pkgutil
 from pathlib import Path
 
-# Imported inside transformers' functions (or through its lazy modules) on the way to a loaded
-# model and tokenizer; importing `petald.models` brings torch, transformers' modeling code and
-# accelerate already, these are the rest.
-LAZY_MODULES = (
-    "transformers.generation.utils",  # GenerationMixin.generate
-    "transformers.generation.streamers",  # TextStreamer
-    "transformers.models.auto.modeling_auto",
-    "transformers.models.auto.tokenization_auto",
-    "transformers.tokenization_utils_tokenizers",  # TokenizersBackend, PreTrainedTokenizerFast
-    "transformers.convert_slow_tokenizer",
-    "transformers.modeling_gguf_pytorch_utils",  # a GGUF file's config, tensors, tokenizer
-    "transformers.integrations.ggml",
-    "accelerate.hooks",
-    "accelerate.state",
-    "safetensors.torch",
-    "gguf",
-)
-# Packages whose every module is imported: transformers' GGUF support is a lazy package whose
-# modules the config, tensor and tokenizer readers each reach for separately.
-WHOLE_PACKAGES = ("transformers.integrations.gguf",)
+# Imported lazily on the way to a loaded model and tokenizer besides transformers' own (those are
+# petald.hf_internals.import_lazy_modules); importing `petald.models` brings torch, transformers'
+# modeling code and accelerate already.
+LAZY_MODULES = ("accelerate.hooks", "accelerate.state", "safetensors.torch", "gguf")
 
 
 def preload(source: str) -> None:
     """Imports everything loading `source` (a model directory, .gguf file or Hub id) and its
-    tokenizer may import: the modules and packages above, the causal-LM and tokenizer classes
-    of every family petald runs (any may be `source`'s; ~1 s in all), and the tokenizer class
-    a local directory declares in its tokenizer_config.json."""
-    import transformers
-    from transformers.models.auto import modeling_auto, tokenization_auto
-
+    tokenizer may import: the modules above, transformers' lazily imported modules, the
+    causal-LM and tokenizer classes of every family petald runs (any may be `source`'s; ~1 s in
+    all), and the tokenizer class a local directory declares in its tokenizer_config.json."""
     import petald.models  # noqa: F401 - torch, transformers' modeling code, accelerate, the client
+    from petald.hf_internals import import_lazy_modules
     from petald.models.families import LAYOUTS
 
     for name in LAZY_MODULES:
         importlib.import_module(name)
-    for name in WHOLE_PACKAGES:
-        package = importlib.import_module(name)
-        for module in pkgutil.iter_modules(package.__path__, prefix=f"{name}."):
-            importlib.import_module(module.name)
-    for model_type in LAYOUTS:
-        getattr(transformers, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
-        if tokenizer := tokenization_auto.TOKENIZER_MAPPING_NAMES.get(model_type):
-            tokenization_auto.tokenizer_class_from_name(tokenizer)
-    if declared := _declared_tokenizer(source):
-        tokenization_auto.tokenizer_class_from_name(declared)
+    import_lazy_modules(LAYOUTS, _declared_tokenizer(source))
 
 
 def _declared_tokenizer(source: str) -> str | None:

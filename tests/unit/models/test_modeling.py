@@ -131,6 +131,7 @@ def test_generate_refuses_a_local_cache(distributed) -> None:
 
 def test_stopping_criteria_and_streamer(distributed) -> None:
     from transformers import StoppingCriteria, StoppingCriteriaList
+
     class Collect:  # generate() only calls put() and end()
         def __init__(self) -> None:
             self.puts: list[list[int]] = []
