@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from petald import AutoDistributedModelForCausalLM
 from petald.client import ClientConfig, SwarmClient
 from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
