@@ -14,7 +14,7 @@ from libp2p.peer.id import ID
 
 from petald.dht.announce import model_key, topic_for
 from petald.dht.records import sign_record
-from petald.testing import DaemonProcess, petald_json, start_announcer, stop_all
+from petald.testing import DaemonProcess, Processes, petald_json
 from petald.types import BlockRange, ServerInfo
 from petald.wire.kad_messages import KadMessage, MessageType
 
@@ -36,44 +36,45 @@ def servers(status: dict) -> dict[str, str]:
     }
 
 
-def test_late_joiner_sees_every_server_and_dead_ones_expire(swarm8: list[DaemonProcess]) -> None:
+def test_late_joiner_sees_every_server_and_dead_ones_expire(
+    swarm8: list[DaemonProcess], procs: Processes
+) -> None:
     spans = ["0:10", "10:20", "20:30"]
-    announcers: list[DaemonProcess] = []
-    try:
-        for i, span in enumerate(spans):  # appended one by one: a failed start stops the rest
-            args = ("--initial-peers", swarm8[i].addr, "--n-blocks", "30", "--ttl", str(TTL))
-            announcers.append(start_announcer(MODEL, span, *args))
-        t0 = time.monotonic()
-        st = petald_json(
-            "status", "--json", "--model", MODEL, "--wait", "1", "--initial-peers", swarm8[7].addr
+    announcers = [
+        procs.announcer(
+            MODEL, span, "--initial-peers", swarm8[i].addr, "--n-blocks", "30", "--ttl", str(TTL)
         )
-        took = time.monotonic() - t0
-        print(f"late joiner's status listed {len(servers(st))} servers after {took:.1f} s")
-        assert servers(st) == {a.peer_id: span for a, span in zip(announcers, spans, strict=True)}
-        model = next(m for m in st["models"] if m["model"] == MODEL)
-        assert [c["servers"] for c in model["coverage"]] == [1, 1, 1]
+        for i, span in enumerate(spans)
+    ]
+    t0 = time.monotonic()
+    st = petald_json(
+        "status", "--json", "--model", MODEL, "--wait", "1", "--initial-peers", swarm8[7].addr
+    )
+    took = time.monotonic() - t0
+    print(f"late joiner's status listed {len(servers(st))} servers after {took:.1f} s")
+    assert servers(st) == {a.peer_id: span for a, span in zip(announcers, spans, strict=True)}
+    model = next(m for m in st["models"] if m["model"] == MODEL)
+    assert [c["servers"] for c in model["coverage"]] == [1, 1, 1]
 
-        dead = announcers.pop(0)
-        dead.kill()  # SIGKILL: no goodbye, its records stay in the DHT until they expire
-        killed_at = time.monotonic()
-        # Listen past the dead server's last possible expiry (ttl after its last heartbeat).
-        st = petald_json(
-            "status",
-            "--json",
-            "--model",
-            MODEL,
-            "--wait",
-            str(TTL + 2),
-            "--initial-peers",
-            swarm8[4].addr,
-        )
-        assert time.monotonic() - killed_at > TTL
-        assert dead.peer_id not in servers(st)
-        assert set(servers(st)) == {a.peer_id for a in announcers}
-        model = next(m for m in st["models"] if m["model"] == MODEL)
-        assert (model["coverage"][0]["blocks"], model["coverage"][0]["servers"]) == ("0:10", 0)
-    finally:
-        stop_all(announcers)
+    dead = announcers.pop(0)
+    dead.kill()  # SIGKILL: no goodbye, its records stay in the DHT until they expire
+    killed_at = time.monotonic()
+    # Listen past the dead server's last possible expiry (ttl after its last heartbeat).
+    st = petald_json(
+        "status",
+        "--json",
+        "--model",
+        MODEL,
+        "--wait",
+        str(TTL + 2),
+        "--initial-peers",
+        swarm8[4].addr,
+    )
+    assert time.monotonic() - killed_at > TTL
+    assert dead.peer_id not in servers(st)
+    assert set(servers(st)) == {a.peer_id for a in announcers}
+    model = next(m for m in st["models"] if m["model"] == MODEL)
+    assert (model["coverage"][0]["blocks"], model["coverage"][0]["servers"]) == ("0:10", 0)
 
 
 async def test_malformed_gossip_and_forged_announcements_leave_daemons_serving(

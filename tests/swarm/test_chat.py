@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from petald.testing import start_announcer, start_daemon, stop_all
+from petald.testing import Processes, descendants, processes_naming, still_running
 
 pytestmark = pytest.mark.slow
 
@@ -106,57 +106,13 @@ class Terminal:
         os.close(self.master)
 
 
-def descendants(pid: int) -> dict[int, int]:
-    """{pid: pidfd} of every live process below `pid` (from /proc's parent links). A pidfd
-    becomes readable when its process exits, and names that process even if the number is
-    reused later."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: dict[int, int] = {}
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent and child not in found:
-                try:
-                    found[child] = os.pidfd_open(child)
-                except ProcessLookupError:
-                    continue
-                frontier.append(child)
-    return found
-
-
 def assert_all_exit(pidfds: dict[int, int], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    left = dict(pidfds)
     try:
-        while left:
-            wait = deadline - time.monotonic()
-            ready = select.select(list(left.values()), [], [], max(wait, 0))[0] if wait > 0 else []
-            if not ready:
-                raise AssertionError(f"processes still running: {sorted(left)}")
-            left = {p: fd for p, fd in left.items() if fd not in ready}
+        left = still_running(pidfds, timeout)
+        assert not left, f"processes still running: {left}"
     finally:
         for fd in pidfds.values():
             os.close(fd)
-
-
-def processes_naming(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def test_chat_out_of_the_box_with_history_reset_and_exit(tmp_path: Path, cache: Path) -> None:
@@ -241,28 +197,27 @@ def read_stderr_until(proc: subprocess.Popen[str], pattern: str, timeout: float)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_no_process_outlives_a_chat_stopped_while_servers_load(tmp_path, cache, sig) -> None:
+def test_no_process_outlives_a_chat_stopped_while_servers_load(
+    tmp_path, cache, sig, procs: Processes
+) -> None:
     """SIGINT (Ctrl-C): the chat stops its servers and node itself and exits with 130.
     SIGKILL: no cleanup runs in the chat; the kernel's parent-death signal stops them."""
-    proc = spawn_chat(tmp_path, cache)
-    try:
-        m = read_stderr_until(proc, r"servers loading blocks .* \(pids ([\d ]+)\)", 120)
-        started = [int(p) for p in m.group(1).split()]
-        pidfds = {p: os.pidfd_open(p) for p in started}
-        os.kill(proc.pid, sig)
-        code = proc.wait(timeout=60)
-        assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
-        assert_all_exit(pidfds)
-        assert processes_naming(str(tmp_path)) == []
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = procs.adopt(spawn_chat(tmp_path, cache)).proc
+    m = read_stderr_until(proc, r"servers loading blocks .* \(pids ([\d ]+)\)", 120)
+    started = [int(p) for p in m.group(1).split()]
+    pidfds = {p: os.pidfd_open(p) for p in started}
+    os.kill(proc.pid, sig)
+    code = proc.wait(timeout=60)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    assert_all_exit(pidfds)
+    assert processes_naming(str(tmp_path)) == []
 
 
-def test_a_flag_found_wrong_after_the_node_started_leaves_nothing_behind(tmp_path, cache) -> None:
+def test_a_flag_found_wrong_after_the_node_started_leaves_nothing_behind(
+    tmp_path, cache, procs: Processes
+) -> None:
     """--servers 31: the demo model has 30 blocks, known only once the node is starting."""
-    proc = spawn_chat(tmp_path, cache, "--servers", "31")
+    proc = procs.adopt(spawn_chat(tmp_path, cache, "--servers", "31")).proc
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert "--servers must be between 1 and the model's 30 blocks" in err
@@ -270,25 +225,21 @@ def test_a_flag_found_wrong_after_the_node_started_leaves_nothing_behind(tmp_pat
     assert processes_naming(str(tmp_path)) == []
 
 
-def test_a_swarm_missing_blocks_gets_a_clean_message(tmp_path: Path, cache: Path) -> None:
+def test_a_swarm_missing_blocks_gets_a_clean_message(
+    tmp_path: Path, cache: Path, procs: Processes
+) -> None:
     """An announcer claims blocks 0:15 of the demo model; nobody serves 15:30."""
-    node = start_daemon("node", "--new-swarm", identity=tmp_path / "node.key")
-    half = None
-    try:
-        half = start_announcer(
-            MODEL, "0:15", "--n-blocks", "30", "--initial-peers", node.addr, "--ttl", "60"
-        )
-        r = subprocess.run(
-            chat_argv("--initial-peers", node.addr, "--wait", "5"),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            stdin=subprocess.DEVNULL,
-            env=chat_env(tmp_path, cache),
-        )
-        assert r.returncode == 1, r.stdout + r.stderr
-        assert "Traceback" not in r.stderr, r.stderr
-        assert "the swarm lacks blocks 15:30" in r.stderr, r.stderr
-        assert "--blocks 15:30" in r.stderr and node.addr in r.stderr
-    finally:
-        stop_all([d for d in (half, node) if d is not None])
+    node = procs.start("node", "--new-swarm", identity=tmp_path / "node.key")
+    procs.announcer(MODEL, "0:15", "--n-blocks", "30", "--initial-peers", node.addr, "--ttl", "60")
+    r = subprocess.run(
+        chat_argv("--initial-peers", node.addr, "--wait", "5"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+        env=chat_env(tmp_path, cache),
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "the swarm lacks blocks 15:30" in r.stderr, r.stderr
+    assert "--blocks 15:30" in r.stderr and node.addr in r.stderr

@@ -23,7 +23,7 @@ from transformers import LlamaForCausalLM
 
 from petald.client import ClientConfig, RemoteSequential, SwarmClient
 from petald.errors import RoutingError
-from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
+from petald.testing import DaemonProcess, Processes
 from petald.testing.models import save_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -44,11 +44,11 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaFor
 def swarm(tiny_llama, tmp_path_factory) -> Iterator[dict[str, DaemonProcess]]:
     path, _ = tiny_llama
     tmp = tmp_path_factory.mktemp("client-swarm")
-    boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
-    servers: dict[str, DaemonProcess] = {}
-    try:
+    with Processes() as procs:
+        boot = procs.start("node", "--new-swarm", identity=tmp / "boot.key")
+        servers: dict[str, DaemonProcess] = {}
         for name, blocks in [("A", "0:2"), ("B", "1:4"), ("C", "2:4")]:
-            servers[name] = spawn_daemon(
+            servers[name] = procs.spawn(
                 "serve",
                 str(path),
                 "--blocks",
@@ -68,8 +68,6 @@ def swarm(tiny_llama, tmp_path_factory) -> Iterator[dict[str, DaemonProcess]]:
         with ThreadPoolExecutor(len(servers)) as pool:  # they load in parallel
             list(pool.map(lambda d: d.wait_ready(120), servers.values()))
         yield servers
-    finally:
-        stop_all([*servers.values(), boot])
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from petald import AutoDistributedModelForCausalLM, AutoDistributedModelForSeque
 from petald.client import ClientConfig, SwarmClient, Tuning, remote_forward
 from petald.errors import RemoteError, RoutingError
 from petald.models import RemoteLoRA
-from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
+from petald.testing import DaemonProcess, Processes
 from petald.testing.models import save_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -75,22 +75,20 @@ def adapters(tiny, tmp_path_factory) -> dict[str, RemoteLoRA]:
 def swarm(tiny, adapters, tmp_path_factory) -> Iterator[DaemonProcess]:
     tmp = tmp_path_factory.mktemp("ft-swarm")
     root = adapters["root"]
-    boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
-    servers: dict[str, DaemonProcess] = {}
-    try:
+    with Processes() as procs:
+        boot = procs.start("node", "--new-swarm", identity=tmp / "boot.key")
+        servers: dict[str, DaemonProcess] = {}
         for name, blocks, throughput in [("A", "0:2", 100), ("B", "2:4", 10**6), ("C", "2:4", 1)]:
             args = [str(tiny[0]), "--blocks", blocks, "--initial-peers", boot.addr]
             args += ["--adapters", str(root / "french"), str(root / "mine")]
             # Throughput is announced, not measured (start-up time), and steers routes to B.
             args += ["--throughput", str(throughput), "--reachability", "public"]
             args += ["--cache-tokens", "2048"]
-            servers[name] = spawn_daemon("serve", *args, identity=tmp / f"{name}.key")
+            servers[name] = procs.spawn("serve", *args, identity=tmp / f"{name}.key")
         with ThreadPoolExecutor(len(servers)) as pool:
             list(pool.map(lambda d: d.wait_ready(120), servers.values()))
         boot.servers = servers  # type: ignore[attr-defined]
         yield boot
-    finally:
-        stop_all([*servers.values(), boot])
 
 
 def new_client(swarm: DaemonProcess) -> SwarmClient:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 from petald import AutoDistributedModelForCausalLM
 from petald.client import ClientConfig, SwarmClient
 from petald.models import DistributedLlamaForCausalLM, DistributedModelForCausalLM
-from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
+from petald.testing import DaemonProcess, Processes
 from petald.testing.models import save_tiny_llama, smollm2_gguf
 
 pytestmark = pytest.mark.slow
@@ -45,20 +45,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausal
 def swarm(tiny, tmp_path_factory) -> Iterator[DaemonProcess]:
     tmp = tmp_path_factory.mktemp("models-swarm")
     sources = {TINY: str(tiny[0]), "smol": str(smollm2_gguf())}
-    boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
-    servers: list[DaemonProcess] = []
-    try:
+    with Processes() as procs:
+        boot = procs.start("node", "--new-swarm", identity=tmp / "boot.key")
+        servers: list[DaemonProcess] = []
         for name, (model, blocks) in SERVERS.items():
             args = [sources[model], "--blocks", blocks, "--initial-peers", boot.addr]
             # A fixed throughput and no dial-back check: neither is under test, both cost
             # start-up time on small machines.
             args += ["--throughput", "100", "--reachability", "public", "--cache-tokens", "4096"]
-            servers.append(spawn_daemon("serve", *args, identity=tmp / f"{name}.key"))
+            servers.append(procs.spawn("serve", *args, identity=tmp / f"{name}.key"))
         with ThreadPoolExecutor(len(servers)) as pool:  # they load in parallel
             list(pool.map(lambda d: d.wait_ready(240), servers))
         yield boot
-    finally:
-        stop_all([*servers, boot])
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from petald.testing import DaemonProcess, start_daemon
+from petald.testing import DaemonProcess, Processes, start_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,8 @@ class Namespaces:
         return ["ip", "netns", "exec", self.ns[role], sys.executable, "-m", "petald.cli", *args]
 
 
-def spawn_in(nets: Namespaces, role: str, *args: str) -> DaemonProcess:
+def spawn_in(procs: Processes, nets: Namespaces, role: str, *args: str) -> DaemonProcess:
+    """Starts `petald ARGS` in the role's namespace, owned by `procs`."""
     proc = subprocess.Popen(
         nets.cmd(role, *args),
         stdin=subprocess.DEVNULL,
@@ -102,7 +103,7 @@ def spawn_in(nets: Namespaces, role: str, *args: str) -> DaemonProcess:
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    return DaemonProcess(proc)
+    return procs.adopt(proc)
 
 
 def ping_in(nets: Namespaces, role: str, *args: str, timeout: float = 120) -> tuple[int, str]:
@@ -133,74 +134,69 @@ def nets() -> Iterator[Namespaces]:
         assert not left, f"namespaces left behind: {left}"
 
 
-def test_client_reaches_private_server_through_relay(nets: Namespaces, tmp_path: Path) -> None:
-    daemons: list[DaemonProcess] = []
-    try:
-        relay = spawn_in(
-            nets, "relay", "node", "--new-swarm", "--identity", str(tmp_path / "relay.key"),
-            "--listen", f"/ip4/{RELAY_C}/tcp/0", f"/ip4/{RELAY_S}/tcp/0",
-        )  # fmt: skip
-        daemons.append(relay)
-        relay.wait_ready(READY_TIMEOUT)
-        to_server_side = next(a for a in relay.ready["addrs"] if f"/ip4/{RELAY_S}/" in a)
-        server = spawn_in(
-            nets, "server", "node", "--initial-peers", to_server_side, "--log-level", "info",
-            "--identity", str(tmp_path / "server.key"), "--listen", f"/ip4/{SERVER_LAN}/tcp/0",
-        )  # fmt: skip
-        daemons.append(server)
-        ready = server.wait_ready(READY_TIMEOUT)
+def test_client_reaches_private_server_through_relay(
+    nets: Namespaces, tmp_path: Path, procs: Processes
+) -> None:
+    # `procs` stops the daemons (SIGTERM to our own children: `ip netns exec` execs the
+    # daemon) before `nets` deletes their namespaces: fixtures end in reverse order.
+    relay = spawn_in(
+        procs, nets, "relay", "node", "--new-swarm", "--identity", str(tmp_path / "relay.key"),
+        "--listen", f"/ip4/{RELAY_C}/tcp/0", f"/ip4/{RELAY_S}/tcp/0",
+    )  # fmt: skip
+    relay.wait_ready(READY_TIMEOUT)
+    to_server_side = next(a for a in relay.ready["addrs"] if f"/ip4/{RELAY_S}/" in a)
+    server = spawn_in(
+        procs, nets, "server", "node", "--initial-peers", to_server_side, "--log-level", "info",
+        "--identity", str(tmp_path / "server.key"), "--listen", f"/ip4/{SERVER_LAN}/tcp/0",
+    )  # fmt: skip
+    ready = server.wait_ready(READY_TIMEOUT)
 
-        assert ready["reachability"] == "private", server.log()
-        sid, rid = server.peer_id, relay.peer_id
-        circuit = f"/ip4/{RELAY_C}/tcp/"
-        circuits = [a for a in ready["addrs"] if a.startswith(circuit) and "/p2p-circuit/" in a]
-        assert circuits and circuits[0].endswith(f"/p2p/{rid}/p2p-circuit/p2p/{sid}"), ready
-        direct = [a for a in ready["addrs"] if "/p2p-circuit" not in a]
-        assert direct and all(f"/ip4/{SERVER_LAN}/" in a for a in direct), ready
+    assert ready["reachability"] == "private", server.log()
+    sid, rid = server.peer_id, relay.peer_id
+    circuit = f"/ip4/{RELAY_C}/tcp/"
+    circuits = [a for a in ready["addrs"] if a.startswith(circuit) and "/p2p-circuit/" in a]
+    assert circuits and circuits[0].endswith(f"/p2p/{rid}/p2p-circuit/p2p/{sid}"), ready
+    direct = [a for a in ready["addrs"] if "/p2p-circuit" not in a]
+    assert direct and all(f"/ip4/{SERVER_LAN}/" in a for a in direct), ready
 
-        # The server is really unreachable from the client: no direct dial works.
-        for addr in [*direct, direct[0].replace(SERVER_LAN, SERVER_WAN)]:
-            rc, out = ping_in(nets, "client", addr, "--count", "1", "--timeout", "15")
-            assert rc != 0 and "unreachable" in out, (addr, out)
+    # The server is really unreachable from the client: no direct dial works.
+    for addr in [*direct, direct[0].replace(SERVER_LAN, SERVER_WAN)]:
+        rc, out = ping_in(nets, "client", addr, "--count", "1", "--timeout", "15")
+        assert rc != 0 and "unreachable" in out, (addr, out)
 
-        rc, out = ping_in(nets, "client", circuits[0], "--count", "20", "--payload-bytes", "16384")
-        assert rc == 0, out
-        ping = last_json(out)
-        assert ping["relayed"] and ping["relayed_connection"], ping
-        assert ping["intact"] and ping["count"] == 20, ping
-        assert ping["bytes_received"] == ping["bytes_sent"] == 20 * 16384, ping
+    rc, out = ping_in(nets, "client", circuits[0], "--count", "20", "--payload-bytes", "16384")
+    assert rc == 0, out
+    ping = last_json(out)
+    assert ping["relayed"] and ping["relayed_connection"], ping
+    assert ping["intact"] and ping["count"] == 20, ping
+    assert ping["bytes_received"] == ping["bytes_sent"] == 20 * 16384, ping
 
-        rc, out = ping_in(
-            nets, "client", circuits[0], "--count", "8", "--payload-bytes", str(1 << 20)
+    rc, out = ping_in(nets, "client", circuits[0], "--count", "8", "--payload-bytes", str(1 << 20))
+    assert rc == 0, out
+    bulk = last_json(out)
+    assert bulk["intact"] and bulk["relayed"], bulk
+    # Transparently: a DHT client that only knows the relay learns the server's circuit
+    # address from the relay's peer records (identify-push) and stores on both.
+    to_client_side = next(a for a in relay.ready["addrs"] if f"/ip4/{RELAY_C}/" in a)
+    r = subprocess.run(
+        nets.cmd("client", "dht", "put", "nat-key", "nat-value", "--initial-peers",
+                 to_client_side, "--identity", str(tmp_path / "client.key")),
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert last_json(r.stdout)["acked"] == 2, r.stdout + r.stderr
+    reserved = [x for x in server.output if "reserved on" in x]
+    print(
+        json.dumps(
+            {
+                "reservation_log": reserved[:1],
+                "circuit_connect_ms": ping["connect_ms"],
+                "relayed_rtt_16k_p50_ms": ping["rtt_p50_ms"],
+                "relayed_rtt_16k_p99_ms": ping["rtt_p99_ms"],
+                "relayed_bulk_1mib_x8_mb_s": bulk["throughput_mb_s"],
+            }
         )
-        assert rc == 0, out
-        bulk = last_json(out)
-        assert bulk["intact"] and bulk["relayed"], bulk
-        # Transparently: a DHT client that only knows the relay learns the server's circuit
-        # address from the relay's peer records (identify-push) and stores on both.
-        to_client_side = next(a for a in relay.ready["addrs"] if f"/ip4/{RELAY_C}/" in a)
-        r = subprocess.run(
-            nets.cmd("client", "dht", "put", "nat-key", "nat-value", "--initial-peers",
-                     to_client_side, "--identity", str(tmp_path / "client.key")),
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert last_json(r.stdout)["acked"] == 2, r.stdout + r.stderr
-        reserved = [x for x in server.output if "reserved on" in x]
-        print(
-            json.dumps(
-                {
-                    "reservation_log": reserved[:1],
-                    "circuit_connect_ms": ping["connect_ms"],
-                    "relayed_rtt_16k_p50_ms": ping["rtt_p50_ms"],
-                    "relayed_rtt_16k_p99_ms": ping["rtt_p99_ms"],
-                    "relayed_bulk_1mib_x8_mb_s": bulk["throughput_mb_s"],
-                }
-            )
-        )
-    finally:
-        for d in daemons:
-            d.stop()  # SIGTERM to our own child (`ip netns exec` execs the daemon), then KILL
+    )
 
 
 def test_ping_between_two_daemons_on_loopback(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from petald.testing import start_daemon, stop_all
+from petald.testing import Processes, start_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -35,27 +35,20 @@ def test_identity_is_created_private_and_reused(tmp_path: Path) -> None:
         assert b.peer_id == first
 
 
-def test_second_daemon_joins_and_both_stop_cleanly(tmp_path: Path) -> None:
-    a = start_daemon("node", "--new-swarm", identity=tmp_path / "a.key")
-    try:
-        b = start_daemon("node", "--initial-peers", a.addr, identity=tmp_path / "b.key")
-    except BaseException:
-        a.stop()
-        raise
-    try:
-        assert a.peer_id != b.peer_id
-        for d in (b, a):
-            d.proc.send_signal(signal.SIGTERM)
-            stopped = d.read_event("stopped", timeout=20)
-            assert stopped == {"event": "stopped"}
-            assert d.proc.wait(timeout=20) == 0, d.log()
-            assert "Traceback" not in d.log()
-    finally:  # a failed assertion must not leave a daemon behind
-        stop_all([b, a])
+def test_second_daemon_joins_and_both_stop_cleanly(tmp_path: Path, procs: Processes) -> None:
+    a = procs.start("node", "--new-swarm", identity=tmp_path / "a.key")
+    b = procs.start("node", "--initial-peers", a.addr, identity=tmp_path / "b.key")
+    assert a.peer_id != b.peer_id
+    for d in (b, a):
+        d.proc.send_signal(signal.SIGTERM)
+        stopped = d.read_event("stopped", timeout=20)
+        assert stopped == {"event": "stopped"}
+        assert d.proc.wait(timeout=20) == 0, d.log()
+        assert "Traceback" not in d.log()
 
 
-def test_sigint_stops_like_sigterm(tmp_path: Path) -> None:
-    a = start_daemon("node", "--new-swarm", identity=tmp_path / "a.key")
+def test_sigint_stops_like_sigterm(tmp_path: Path, procs: Processes) -> None:
+    a = procs.start("node", "--new-swarm", identity=tmp_path / "a.key")
     assert a.stop(sig=signal.SIGINT) == 0, a.log()
 
 

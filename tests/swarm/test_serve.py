@@ -6,6 +6,7 @@ layers, refuses bad requests with error replies while it keeps serving, and anno
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from petald.server.handlers import FORWARD_PROTOCOL, INFO_PROTOCOL
-from petald.testing import DaemonProcess, petald_json, start_daemon, stop_all
+from petald.testing import DaemonProcess, Processes, petald_json
 from petald.testing.models import save_tiny_llama
 from petald.testing.rpc import RawSession, rpc_call, rpc_client
 from petald.wire.messages import write_message
@@ -59,12 +60,12 @@ def adapter(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama, adapter, tmp_path_factory) -> list[DaemonProcess]:
+def served(tiny_llama, adapter, tmp_path_factory) -> Iterator[list[DaemonProcess]]:
     path, _ = tiny_llama
     tmp = tmp_path_factory.mktemp("serve")
-    boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
-    try:
-        server = start_daemon(
+    with Processes() as procs:
+        boot = procs.start("node", "--new-swarm", identity=tmp / "boot.key")
+        server = procs.start(
             "serve",
             str(path),
             "--blocks",
@@ -78,11 +79,7 @@ def served(tiny_llama, adapter, tmp_path_factory) -> list[DaemonProcess]:
             identity=tmp / "server.key",
             ready_timeout=120,
         )
-    except BaseException:
-        stop_all([boot])
-        raise
-    yield [boot, server]
-    stop_all([server, boot])
+        yield [boot, server]
 
 
 async def call(server: DaemonProcess, protocol, header: dict, tensors=()):

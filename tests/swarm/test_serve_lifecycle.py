@@ -15,7 +15,7 @@ import trio
 
 from petald.server.handlers import FORWARD_PROTOCOL, INFO_PROTOCOL
 from petald.server.inference import INFERENCE_PROTOCOL
-from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
+from petald.testing import DaemonProcess, Processes
 from petald.testing.models import save_tiny_llama
 from petald.testing.rpc import RawSession, rpc_call, rpc_client
 from petald.wire.messages import write_message
@@ -36,65 +36,56 @@ async def info_of(server: DaemonProcess) -> dict:
 
 
 async def test_num_blocks_takes_the_unserved_blocks_and_announces_cached_throughput(
-    model_dir: Path, tmp_path: Path
+    model_dir: Path, tmp_path: Path, procs: Processes
 ) -> None:
     cache = {"PETALD_CACHE_DIR": str(tmp_path / "cache")}
-    boot = start_daemon("node", "--new-swarm", identity=tmp_path / "boot.key")
-    daemons = [boot]
-    try:
-        first = start_daemon(
-            "serve", str(model_dir), "--blocks", "0:2", "--initial-peers", boot.addr,
-            identity=tmp_path / "a.key", ready_timeout=120, env=cache,
-        )  # fmt: skip
-        daemons.append(first)
-        second = start_daemon(
-            "serve", str(model_dir), "--num-blocks", "2", "--initial-peers", boot.addr,
-            identity=tmp_path / "b.key", ready_timeout=120, env=cache,
-        )  # fmt: skip
-        daemons.append(second)
-        a, b = await info_of(first), await info_of(second)
-        assert a["blocks"] == [0, 2] and b["blocks"] == [2, 4]
-        assert a["state"] == b["state"] == "online"
-        assert a["throughput"] > 0 and b["throughput"] > 0
-        print(f"throughput: 0:2 {a['throughput']:.0f} tokens/s, 2:4 {b['throughput']:.0f}")
-        table = json.loads((tmp_path / "cache" / "throughput.json").read_text())
-        # Both spans have 2 blocks of the same model, device and dtype: one measurement, cached.
-        assert len(table) == 1 and next(iter(table)).startswith("lifecycle-llama|2 blocks|cpu")
-    finally:
-        stop_all(daemons)
+    boot = procs.start("node", "--new-swarm", identity=tmp_path / "boot.key")
+    first = procs.start(
+        "serve", str(model_dir), "--blocks", "0:2", "--initial-peers", boot.addr,
+        identity=tmp_path / "a.key", ready_timeout=120, env=cache,
+    )  # fmt: skip
+    second = procs.start(
+        "serve", str(model_dir), "--num-blocks", "2", "--initial-peers", boot.addr,
+        identity=tmp_path / "b.key", ready_timeout=120, env=cache,
+    )  # fmt: skip
+    a, b = await info_of(first), await info_of(second)
+    assert a["blocks"] == [0, 2] and b["blocks"] == [2, 4]
+    assert a["state"] == b["state"] == "online"
+    assert a["throughput"] > 0 and b["throughput"] > 0
+    print(f"throughput: 0:2 {a['throughput']:.0f} tokens/s, 2:4 {b['throughput']:.0f}")
+    table = json.loads((tmp_path / "cache" / "throughput.json").read_text())
+    # Both spans have 2 blocks of the same model, device and dtype: one measurement, cached.
+    assert len(table) == 1 and next(iter(table)).startswith("lifecycle-llama|2 blocks|cpu")
 
 
-async def test_sigterm_drains_then_exits(model_dir: Path, tmp_path: Path) -> None:
-    boot = start_daemon("node", "--new-swarm", identity=tmp_path / "boot.key")
-    server = start_daemon(
+async def test_sigterm_drains_then_exits(model_dir: Path, tmp_path: Path, procs: Processes) -> None:
+    boot = procs.start("node", "--new-swarm", identity=tmp_path / "boot.key")
+    server = procs.start(
         "serve", str(model_dir), "--blocks", "0:4", "--initial-peers", boot.addr,
         "--drain-timeout", "120", "--throughput", "100",
         identity=tmp_path / "s.key", ready_timeout=120,
     )  # fmt: skip
-    try:
-        async with rpc_client(server) as open_stream:
-            s = RawSession(await open_stream(INFERENCE_PROTOCOL))
-            opened, _ = await s.send({"batch": 1, "max_length": 16})
-            assert opened["ok"]
-            h, _ = await s.send({"step": 0, "position": 0}, [torch.randn(1, 3, 64)])
-            assert h["position"] == 3
-            server.proc.send_signal(signal.SIGTERM)
-            await trio.to_thread.run_sync(lambda: server.read_event("draining", timeout=30))
-            # New sessions and requests are refused with a reason; the open one goes on.
-            refused = RawSession(await open_stream(INFERENCE_PROTOCOL))
-            answer, _ = await refused.send({"batch": 1, "max_length": 16})
-            assert answer["error"] == "draining"
-            info, _ = await RawSession(await open_stream(INFO_PROTOCOL)).send({})
-            assert info["state"] == "draining"
-            h, _ = await s.send({"step": 1, "position": 3}, [torch.randn(1, 1, 64)])
-            assert h["position"] == 4
-            assert server.proc.poll() is None  # still serving the open session
-            await write_message(s.stream, {"close": True})
-        # The last session ended: the server exits by itself, well before the drain timeout.
-        code = await trio.to_thread.run_sync(lambda: server.proc.wait(60))
-        assert code == 0
-    finally:
-        stop_all([server, boot])
+    async with rpc_client(server) as open_stream:
+        s = RawSession(await open_stream(INFERENCE_PROTOCOL))
+        opened, _ = await s.send({"batch": 1, "max_length": 16})
+        assert opened["ok"]
+        h, _ = await s.send({"step": 0, "position": 0}, [torch.randn(1, 3, 64)])
+        assert h["position"] == 3
+        server.proc.send_signal(signal.SIGTERM)
+        await trio.to_thread.run_sync(lambda: server.read_event("draining", timeout=30))
+        # New sessions and requests are refused with a reason; the open one goes on.
+        refused = RawSession(await open_stream(INFERENCE_PROTOCOL))
+        answer, _ = await refused.send({"batch": 1, "max_length": 16})
+        assert answer["error"] == "draining"
+        info, _ = await RawSession(await open_stream(INFO_PROTOCOL)).send({})
+        assert info["state"] == "draining"
+        h, _ = await s.send({"step": 1, "position": 3}, [torch.randn(1, 1, 64)])
+        assert h["position"] == 4
+        assert server.proc.poll() is None  # still serving the open session
+        await write_message(s.stream, {"close": True})
+    # The last session ended: the server exits by itself, well before the drain timeout.
+    code = await trio.to_thread.run_sync(lambda: server.proc.wait(60))
+    assert code == 0
 
 
 def memory(info: dict) -> tuple[int, int, int]:
@@ -104,7 +95,9 @@ def memory(info: dict) -> tuple[int, int, int]:
     return m["rss"] - base, m["peak_rss"] - base, m["weight_bytes"]
 
 
-async def test_serving_half_the_blocks_costs_half_the_weights(tmp_path: Path) -> None:
+async def test_serving_half_the_blocks_costs_half_the_weights(
+    tmp_path: Path, procs: Processes
+) -> None:
     """8 blocks of ~50 MB: the compute process of a 0:4 server grows by about 4 blocks' weights
     (printed), far from the whole model's."""
     path = tmp_path / "mem-llama"
@@ -113,53 +106,44 @@ async def test_serving_half_the_blocks_costs_half_the_weights(tmp_path: Path) ->
     )
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
-    boot = start_daemon("node", "--new-swarm", identity=tmp_path / "boot.key")
-    daemons = [boot]
-    try:
-        half = spawn_daemon(
-            "serve", str(path), "--blocks", "0:4", "--initial-peers", boot.addr,
-            "--throughput", "100", identity=tmp_path / "h.key",
-        )  # fmt: skip
-        daemons.append(half)
-        half.wait_ready(180)
-        # A forward through the span touches every weight (pages of a mapped checkpoint count
-        # only once read).
-        answer, _ = await rpc_call(half, FORWARD_PROTOCOL, {}, [torch.randn(1, 8, 1024)])
-        assert answer["ok"]
-        held, peak, weights = memory(await info_of(half))
-        mib = 2**20
-        print(
-            f"serving 4 of 8 blocks: compute process holds +{held / mib:.0f} MiB after a forward "
-            f"(peak +{peak / mib:.0f} MiB) for {weights / mib:.0f} MiB of span weights "
-            f"(ratio {held / weights:.2f}, peak {peak / weights:.2f}); whole model "
-            f"{whole / mib:.0f} MiB"
-        )
-        assert weights < 0.55 * whole
-        assert 0.8 * weights < held < 1.3 * weights + 64 * mib  # one copy of the span, no more
-        assert peak < 1.5 * weights + 64 * mib < whole + 64 * mib
-    finally:
-        stop_all(daemons)
+    boot = procs.start("node", "--new-swarm", identity=tmp_path / "boot.key")
+    half = procs.start(
+        "serve", str(path), "--blocks", "0:4", "--initial-peers", boot.addr,
+        "--throughput", "100", identity=tmp_path / "h.key", ready_timeout=180,
+    )  # fmt: skip
+    # A forward through the span touches every weight (pages of a mapped checkpoint count only
+    # once read).
+    answer, _ = await rpc_call(half, FORWARD_PROTOCOL, {}, [torch.randn(1, 8, 1024)])
+    assert answer["ok"]
+    held, peak, weights = memory(await info_of(half))
+    mib = 2**20
+    print(
+        f"serving 4 of 8 blocks: compute process holds +{held / mib:.0f} MiB after a forward "
+        f"(peak +{peak / mib:.0f} MiB) for {weights / mib:.0f} MiB of span weights "
+        f"(ratio {held / weights:.2f}, peak {peak / weights:.2f}); whole model "
+        f"{whole / mib:.0f} MiB"
+    )
+    assert weights < 0.55 * whole
+    assert 0.8 * weights < held < 1.3 * weights + 64 * mib  # one copy of the span, no more
+    assert peak < 1.5 * weights + 64 * mib < whole + 64 * mib
 
 
-async def test_quantized_server_announces_int8_and_stays_close(tmp_path: Path) -> None:
+async def test_quantized_server_announces_int8_and_stays_close(
+    tmp_path: Path, procs: Processes
+) -> None:
     path = tmp_path / "quant-llama"
     model = save_tiny_llama(path, layers=2, hidden=128, intermediate=256, vocab=256)
-    boot = start_daemon("node", "--new-swarm", identity=tmp_path / "boot.key")
-    daemons = [boot]
-    try:
-        server = start_daemon(
-            "serve", str(path), "--blocks", "0:2", "--quant", "int8", "--throughput", "100",
-            "--initial-peers", boot.addr, identity=tmp_path / "q.key", ready_timeout=180,
-        )  # fmt: skip
-        daemons.append(server)
-        info = await info_of(server)
-        assert info["quant"] == "int8"
-        ids = torch.randint(0, 256, (1, 6))
-        with torch.no_grad():
-            hs = model(ids, output_hidden_states=True).hidden_states
-        answer, (out,) = await rpc_call(server, FORWARD_PROTOCOL, {"end": 1}, [hs[0]])
-        rel = ((out - hs[1]).norm() / hs[1].norm()).item()
-        print(f"int8 block 0 over the wire: relative error {rel:.4f}")
-        assert answer["ok"] and rel < 0.03
-    finally:
-        stop_all(daemons)
+    boot = procs.start("node", "--new-swarm", identity=tmp_path / "boot.key")
+    server = procs.start(
+        "serve", str(path), "--blocks", "0:2", "--quant", "int8", "--throughput", "100",
+        "--initial-peers", boot.addr, identity=tmp_path / "q.key", ready_timeout=180,
+    )  # fmt: skip
+    info = await info_of(server)
+    assert info["quant"] == "int8"
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    answer, (out,) = await rpc_call(server, FORWARD_PROTOCOL, {"end": 1}, [hs[0]])
+    rel = ((out - hs[1]).norm() / hs[1].norm()).item()
+    print(f"int8 block 0 over the wire: relative error {rel:.4f}")
+    assert answer["ok"] and rel < 0.03
