@@ -24,19 +24,13 @@ from transformers import (
 )
 
 from petald import hf_internals as hf
+from petald.testing.models import tiny_config_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 SEAM = REPO / "python/petald/hf_internals.py"
 # Private names of transformers that only the seam may use.
 PRIVATE = ("_prepare_cache_for_generation", "_get_alibi_slopes", "_supports_sdpa")
-LLAMA = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+LLAMA = tiny_config_kwargs(layers=2, hidden=32, intermediate=48, vocab=64)
 
 
 def test_only_the_seam_reaches_into_transformers() -> None:

@@ -193,8 +193,8 @@ def family_for(model: PreTrainedModel, device: torch.device) -> Family:
 
 def _takes_position_embeddings(layer: nn.Module) -> bool:
     """Rotary families compute cos/sin once in the model (its `rotary_emb`) and hand them to
-    every layer, whose attention applies them: a layer that has a KV cache argument and takes
-    `position_embeddings` is of that kind (GPT-NeoX-style layers rotate inside instead)."""
+    every layer, whose attention applies them: a layer that takes `position_embeddings` is of
+    that kind (GPT-NeoX-style layers rotate inside instead)."""
     params = inspect.signature(type(layer).forward).parameters
     return "position_embeddings" in params
 

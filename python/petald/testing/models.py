@@ -9,6 +9,27 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def tiny_config_kwargs(
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+) -> dict[str, int]:
+    """Keyword arguments of a tiny Llama-shaped config (LlamaConfig, MistralConfig, ...)."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
+
+
 def save_tiny_llama(
     path: Path,
     *,
@@ -22,15 +43,8 @@ def save_tiny_llama(
 ) -> LlamaForCausalLM:
     """A random Llama saved at `path` (safetensors); returns the model, in eval mode."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-    )
+    shape = dict(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads)
+    config = LlamaConfig(**tiny_config_kwargs(**shape, kv_heads=kv_heads, vocab=vocab))
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(path)
     return model

@@ -13,15 +13,9 @@ from transformers import LlamaConfig
 
 from petald.models import RemoteLoRA, RemoteTuning
 from petald.server.adapters import load_peft_adapter
+from petald.testing.models import tiny_config_kwargs
 
-CONFIG = LlamaConfig(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+CONFIG = LlamaConfig(**tiny_config_kwargs(layers=3, intermediate=96))
 
 
 def test_lora_starts_as_the_unchanged_model_and_saves_in_peft_layout(tmp_path) -> None:
