@@ -42,8 +42,6 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-VERSION = transformers.__version__
-
 # ---- the KV-cache argument, renamed in 5.24 --------------------------------------------------
 
 CACHE_NAMES = ("cache", "past_key_values")  # the current spelling first
@@ -357,7 +355,6 @@ def import_lazy_modules(model_types: Iterable[str], tokenizer_class: str | None 
 __all__ = [
     "CACHE_NAMES",
     "GENERATION_CACHE_NAME",
-    "VERSION",
     "RemoteCacheHooks",
     "bloom_alibi",
     "bloom_alibi_slopes",
