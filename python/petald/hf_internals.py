@@ -280,6 +280,41 @@ def rebuild_non_persistent_buffers(model: PreTrainedModel, device: torch.device)
         model._init_weights(module)
 
 
+def rebuild_non_persistent_buffers(model: PreTrainedModel, device: torch.device | str) -> None:
+    """Gives every non-persistent buffer of `model` still on the meta device (rotary `inv_freq`,
+    Gemma's embedding normalizer, GPT-2's causal-mask triangle, ...) its value on `device`, as
+    `from_pretrained` does for a model built on meta: an empty tensor of the buffer's shape and
+    dtype, then the model's own `_init_weights` on the module that owns it. Parameters and
+    buffers that already hold values are left as they are (transformers' init functions skip
+    tensors flagged `_is_hf_initialized`); parameters still on meta stay there."""
+    from transformers import initialization
+
+    owners: dict[int, nn.Module] = {}
+    fresh: set[int] = set()
+    for name, buffer in list(model.named_non_persistent_buffers()):
+        if not buffer.is_meta:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        value = torch.empty_like(buffer, device=device)
+        owner.register_buffer(leaf, value, persistent=False)
+        owners[id(owner)] = owner
+        fresh.add(id(value))
+    for owner in owners.values():
+        kept = [
+            t for t in (*owner.parameters(), *owner.buffers())
+            if id(t) not in fresh and not getattr(t, "_is_hf_initialized", False)
+        ]  # fmt: skip
+        for t in kept:
+            t._is_hf_initialized = True  # type: ignore[attr-defined]
+        try:
+            with torch.no_grad(), initialization.guard_torch_init_functions():
+                model._init_weights(owner)
+        finally:
+            for t in kept:
+                del t._is_hf_initialized  # type: ignore[attr-defined]
+
+
 # ---- the client model -------------------------------------------------------------------------
 
 
@@ -389,6 +424,7 @@ __all__ = [
     "kv_length",
     "layer_cache_arg",
     "pop_cache",
+    "rebuild_non_persistent_buffers",
     "rebuild_non_persistent_buffers",
     "reorder_layer",
     "sequence_classification_loss",

@@ -29,7 +29,12 @@ from petald.testing.models import tiny_config_kwargs
 REPO = Path(__file__).resolve().parents[2]
 SEAM = REPO / "python/petald/hf_internals.py"
 # Private names of transformers that only the seam may use.
-PRIVATE = ("_prepare_cache_for_generation", "_get_alibi_slopes", "_supports_sdpa")
+PRIVATE = (
+    "_prepare_cache_for_generation",
+    "_get_alibi_slopes",
+    "_supports_sdpa",
+    "_init_weights",
+)
 LLAMA = tiny_config_kwargs(layers=2, hidden=32, intermediate=48, vocab=64)
 
 
@@ -193,6 +198,29 @@ def test_alibi_helpers() -> None:
 
 
 # ---- loading -----------------------------------------------------------------------------------
+
+
+def test_rebuild_non_persistent_buffers_gives_from_pretrained_values() -> None:
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    gemma = dict(LLAMA, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    for config in (LlamaConfig(**LLAMA), Gemma3TextConfig(**gemma)):
+        reference = AutoModelForCausalLM.from_config(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        # Gemma's scaled embedding owns a buffer and a parameter: a loaded parameter stays.
+        embed = model.get_input_embeddings()
+        weight = torch.randn(embed.weight.shape)
+        embed.weight = torch.nn.Parameter(weight.clone())
+        hf.rebuild_non_persistent_buffers(model, "cpu")
+        buffers = dict(model.named_buffers())
+        assert buffers.keys() == dict(reference.named_buffers()).keys()
+        for name, value in reference.named_buffers():
+            assert torch.equal(buffers[name], value), name
+        assert torch.equal(embed.weight, weight)
+        assert not hasattr(embed.weight, "_is_hf_initialized")
+        assert model.model.layers[0].self_attn.q_proj.weight.is_meta  # parameters stay on meta
+
 
 
 def test_causal_lm_model_types() -> None:
