@@ -262,24 +262,6 @@ def gguf_names(
     return mapping
 
 
-def rebuild_non_persistent_buffers(model: PreTrainedModel, device: torch.device) -> None:
-    """Non-persistent buffers of a model built on the meta device (rotary frequencies, Gemma's
-    embedding scale) are in no checkpoint: made real on `device` and computed by the family's
-    own `_init_weights`, as from_pretrained does (modeling_utils: empty placeholders, then
-    `_init_weights` per module). Call it while the parameters are still on meta: there, the
-    initialisers of the parameters do nothing, so loaded weights are never overwritten."""
-    owners: dict[int, nn.Module] = {}
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta and name in module._non_persistent_buffers_set:
-                module.register_buffer(
-                    name, torch.empty_like(buffer, device=device), persistent=False
-                )
-                owners[id(module)] = module
-    for module in owners.values():
-        model._init_weights(module)
-
-
 def rebuild_non_persistent_buffers(model: PreTrainedModel, device: torch.device | str) -> None:
     """Gives every non-persistent buffer of `model` still on the meta device (rotary `inv_freq`,
     Gemma's embedding normalizer, GPT-2's causal-mask triangle, ...) its value on `device`, as
@@ -424,7 +406,6 @@ __all__ = [
     "kv_length",
     "layer_cache_arg",
     "pop_cache",
-    "rebuild_non_persistent_buffers",
     "rebuild_non_persistent_buffers",
     "reorder_layer",
     "sequence_classification_loss",
