@@ -26,26 +26,34 @@ from pathlib import Path
 # petald.hf_internals.import_lazy_modules); importing `petald.models` brings torch, transformers'
 # modeling code and accelerate already.
 LAZY_MODULES = ("accelerate.hooks", "accelerate.state", "safetensors.torch", "gguf")
+# Families whose classes are imported even when `source` does not say its own (a GGUF file or a
+# Hub id): the common ones, ~1 s in all.
+COMMON_MODEL_TYPES = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "bloom", "falcon",
+)  # fmt: skip
 
 
 def preload(source: str) -> None:
     """Imports everything loading `source` (a model directory, .gguf file or Hub id) and its
     tokenizer may import: the modules above, transformers' lazily imported modules, the
-    causal-LM and tokenizer classes of every family petald runs (any may be `source`'s; ~1 s in
-    all), and the tokenizer class a local directory declares in its tokenizer_config.json."""
+    causal-LM and tokenizer classes of the common families and of the one a local directory's
+    config.json declares, and the tokenizer class its tokenizer_config.json declares."""
     import petald.models  # noqa: F401 - torch, transformers' modeling code, accelerate, the client
-    from petald.hf_internals import import_lazy_modules
-    from petald.models.families import LAYOUTS
+    from petald.hf_internals import causal_lm_model_types, import_lazy_modules
 
     for name in LAZY_MODULES:
         importlib.import_module(name)
-    import_lazy_modules(LAYOUTS, _declared_tokenizer(source))
+    types = list(COMMON_MODEL_TYPES)
+    declared = _declared(source, "config.json", "model_type")
+    if declared in causal_lm_model_types() and declared not in types:
+        types.append(declared)
+    import_lazy_modules(types, _declared(source, "tokenizer_config.json", "tokenizer_class"))
 
 
-def _declared_tokenizer(source: str) -> str | None:
-    path = Path(source).expanduser() / "tokenizer_config.json"
+def _declared(source: str, file: str, key: str) -> str | None:
+    path = Path(source).expanduser() / file
     try:
-        declared = json.loads(path.read_text()).get("tokenizer_class")
+        declared = json.loads(path.read_text()).get(key)
     except (OSError, ValueError, AttributeError):  # no such file (a GGUF file, a Hub id) or junk
         return None
     return declared if isinstance(declared, str) else None

@@ -1,9 +1,11 @@
 """Loading a distributed model: `AutoDistributedModelForCausalLM.from_pretrained(MODEL, ...)`
 and the family classes behind it (`DistributedLlamaForCausalLM`, ...). MODEL is what servers
-were started with (a model directory, a .gguf file or a Hub id). The config is read, the whole
-model is built on the meta device (no memory) only to take the family's own embedding, norm and
-LM head modules out of it, and just their tensors are read from the checkpoint
-(`petald.models.checkpoint`); the decoder blocks become a `RemoteSequential` over the swarm.
+were started with (a model directory, a .gguf file or a Hub id). The config is read, the
+family's own model class is built on the meta device (no memory) as a `Distributed<Family>...`
+subclass (`distributed_class`), its decoder layers become proxies to a `RemoteSequential` over
+the swarm, and only the tensors it keeps outside its layers are read from the checkpoint
+(`petald.models.checkpoint`). Families whose blocks servers cannot run are refused with the
+reason before the client joins a swarm.
 
     model = AutoDistributedModelForCausalLM.from_pretrained(
         "SmolLM2-135M-Instruct.Q4_1.gguf", initial_peers=["/ip4/.../p2p/Qm..."])
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 from petald.client import ClientConfig, RemoteSequential, SwarmClient
+from petald.hf_internals import convert_block_tensors
 from petald.models import checkpoint
-from petald.models.families import LAYOUTS, layout_for
+from petald.models.families import distributed_class, served_layers
 from petald.models.modeling import DistributedModelForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +63,7 @@ def load(
     tuning_mode: str | None = None,
     pre_seq_len: int = 0,
     active_adapter: str | None = None,
+    config_updates: dict[str, object] | None = None,
 ) -> DistributedModelForCausalLM:
     """The model at `source` with its blocks on the swarm. Joins the swarm through
     `initial_peers` (or `client_config`) unless an already started `client` is given, and waits
@@ -66,10 +71,12 @@ def load(
     name servers announce `source` under). `dtype`/`torch_dtype` and `device` are those of the
     local parts; hidden states cross the wire on the CPU in that dtype. Fine-tuning
     (petald.models.finetune): `tuning_mode` "ptune"/"deep_ptune" with `pre_seq_len` prompt
-    tokens; `active_adapter`, a server adapter's name."""
+    tokens; `active_adapter`, a server adapter's name. `config_updates`: set on the config
+    (e.g. a classifier's num_labels). `cls` is the generic class (any family) or a family's."""
     where = checkpoint.locate(source)
     config = checkpoint.read_config(where)
-    layout_for(config)  # an unsupported architecture fails before joining the swarm
+    distributed_class(config, cls)  # a family without this head fails before joining
+    served_layers(config)  # a family servers cannot run fails before joining the swarm
     name = model_name or checkpoint.model_name(source)
     n_blocks = config.get_text_config().num_hidden_layers
     owned = None
@@ -78,7 +85,14 @@ def load(
     try:
         client.wait_for_blocks(name, n_blocks, timeout=wait_timeout)
         blocks = RemoteSequential(client, name, n_blocks)
-        model = build(cls, source, blocks, dtype=torch_dtype or dtype, device=device)
+        model = build(
+            cls,
+            source,
+            blocks,
+            dtype=torch_dtype or dtype,
+            device=device,
+            config_updates=config_updates,
+        )
         model.setup_tuning(tuning_mode, pre_seq_len, active_adapter)
     except BaseException:
         if owned is not None:
@@ -95,30 +109,41 @@ def build(
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
+    config_updates: dict[str, object] | None = None,
 ) -> DistributedModelForCausalLM:
     """The model around `transformer_blocks` (anything with RemoteSequential's forward and
-    inference_session: tests pass local blocks), its local parts read from `source`."""
+    inference_session: tests pass local blocks), its local parts read from `source`. `cls` is
+    `DistributedModelForCausalLM` (any family) or a family's class (that family only)."""
     where = checkpoint.locate(source)
     config = checkpoint.read_config(where)
-    layout = layout_for(config)
-    if cls.layout is None:  # the generic class: the family's own, for isinstance checks
-        cls = FAMILY_CLASSES[config.model_type]
-    elif cls.layout != layout:
+    for key, value in (config_updates or {}).items():
+        setattr(config, key, value)
+    family_cls = distributed_class(config, cls)
+    if not issubclass(family_cls, cls):
         raise ValueError(
-            f"{source} is a {config.model_type!r} model, not a {cls.layout.family}: "
+            f"{source} is a {config.model_type!r} model, not a {cls.__name__}: "
             "load it with AutoDistributedModelForCausalLM"
         )
     torch_dtype = _dtype(dtype, getattr(config, "dtype", None), where)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    local = {path: meta.get_submodule(path) for path in layout.paths}
-    del meta  # the meta decoder layers go; only the local parts' modules are kept
-    model = cls(config, transformer_blocks, local)
+    model = family_cls.build_local(config, transformer_blocks)
     names = list(model.state_dict())
-    state = checkpoint.read_local_tensors(where, names, model.base_model_prefix, config)
+    state = checkpoint.read_local_tensors(
+        where,
+        names,
+        model.base_model_prefix,
+        config,
+        convert=lambda raw: convert_block_tensors(_plain(family_cls, config), raw),
+    )
     model.load_local_state(state, torch.device(device), torch_dtype)
     model.generation_config = _generation_config(where, config)
     return model
+
+
+def _plain(family_cls: type[DistributedModelForCausalLM], config: PretrainedConfig) -> Any:
+    """The family's own model on the meta device: transformers finds its checkpoint renamings
+    by its class name."""
+    with torch.device("meta"):
+        return family_cls.family(config)  # type: ignore[attr-defined]
 
 
 def _generation_config(where: checkpoint.Source, config: object) -> GenerationConfig:
@@ -129,17 +154,6 @@ def _generation_config(where: checkpoint.Source, config: object) -> GenerationCo
         if (directory / "generation_config.json").is_file():
             return GenerationConfig.from_pretrained(str(directory))
     return GenerationConfig.from_model_config(config)
-
-
-def _family_class(model_type: str) -> type[DistributedModelForCausalLM]:
-    layout = LAYOUTS[model_type]
-    name = f"Distributed{layout.family}ForCausalLM"
-    doc = f"{layout.family} with its decoder blocks on the swarm (see DistributedModelForCausalLM)."
-    attrs = {"layout": layout, "__doc__": doc, "__module__": __name__}
-    return type(name, (DistributedModelForCausalLM,), attrs)
-
-
-FAMILY_CLASSES = {model_type: _family_class(model_type) for model_type in LAYOUTS}
 
 
 class AutoDistributedModelForCausalLM:

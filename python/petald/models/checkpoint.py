@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +98,16 @@ def config_dir(source: Source) -> Path:
 
 
 def read_local_tensors(
-    source: Source, wanted: list[str], base_prefix: str, config: PretrainedConfig
+    source: Source,
+    wanted: list[str],
+    base_prefix: str,
+    config: PretrainedConfig,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors named `wanted` (the model's own state-dict names) that the checkpoint holds
-    outside its blocks; names it lacks (a tied LM head) are simply absent."""
+    outside its blocks; names it lacks (a tied LM head) are simply absent. `convert` maps
+    checkpoint names to the model's where they differ (transformers' renamings, e.g.
+    GPT-NeoX's `embed_out` -> `lm_head`); it gets the checkpoint's other non-block tensors."""
     if source.kind == "gguf":
         return _gguf_tensors(source.path, wanted, base_prefix, config)
     directory = source.path
@@ -108,7 +115,7 @@ def read_local_tensors(
         directory = _hub(source.repo_id, [CONFIG_NAME, INDEX_NAME])
         shards = set(_shard_map(directory, allow_missing=True).values()) or {SINGLE_NAME}
         directory = _hub(source.repo_id, [CONFIG_NAME, INDEX_NAME, *sorted(shards)])
-    return _safetensors(directory, wanted, base_prefix)
+    return _safetensors(directory, wanted, base_prefix, convert)
 
 
 def _shard_map(directory: Path, *, allow_missing: bool = False) -> dict[str, str]:
@@ -128,11 +135,17 @@ def _shard_map(directory: Path, *, allow_missing: bool = False) -> dict[str, str
     return {k: SINGLE_NAME for k in names if not BLOCK_KEY.match(k)}
 
 
-def _safetensors(directory: Path, wanted: list[str], prefix: str) -> dict[str, torch.Tensor]:
+def _safetensors(
+    directory: Path,
+    wanted: list[str],
+    prefix: str,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None,
+) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     shards = _shard_map(directory)
     out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
     for name in wanted:
         # Checkpoints of the base model say `word_embeddings.weight`, of the LM
         # `transformer.word_embeddings.weight`: both are accepted.
@@ -140,7 +153,16 @@ def _safetensors(directory: Path, wanted: list[str], prefix: str) -> dict[str, t
             if key in shards:
                 with safe_open(str(directory / shards[key]), framework="pt") as f:
                     out[name] = f.get_tensor(key)
+                used.add(key)
                 break
+    rest = [k for k in shards if k not in used]
+    if convert is not None and rest and any(n not in out for n in wanted):
+        raw = {}
+        for key in rest:
+            with safe_open(str(directory / shards[key]), framework="pt") as f:
+                raw[key] = f.get_tensor(key)
+        converted = convert(raw)
+        out.update({n: converted[n] for n in wanted if n not in out and n in converted})
     return out
 
 

@@ -1,70 +1,74 @@
-"""Which parts of each supported model family stay on the client, and how they run: the layout
-table behind `petald.models`. A family's `*ForCausalLM.forward` is embeddings -> decoder blocks
--> final norm -> LM head; the blocks run on the swarm, the rest runs here with the family's own
-transformers modules (taken from the model built on the meta device, so e.g. Qwen3's RMSNorm is
-Qwen3's). Entry point: `layout_for(config)`, which raises a ValueError naming the architecture
-for families petald does not run.
-
-Llama-like families keep `model.embed_tokens` / `model.norm` / `lm_head`; BLOOM keeps
-`transformer.word_embeddings` (+ `word_embeddings_layernorm`) / `transformer.ln_f`, Falcon
-`transformer.word_embeddings` / `transformer.ln_f`. Gemma's embedding module scales by
-sqrt(hidden_size) itself (a non-persistent buffer, rebuilt by `load_local_state`)."""
+"""Which class a distributed model is: `distributed_class(config, base)` makes
+`Distributed<Family>ForCausalLM` (or `...ForSequenceClassification`), a subclass of both petald's
+base (`DistributedModelForCausalLM` or the classifier) and the family's own transformers class,
+found the way the Auto classes find it (so any family the installed transformers has, with no
+table here). `served_layers(config)` says where the family keeps its decoder layers, or raises a
+ValueError with the reason servers cannot run them (the same check `petald serve` makes), so an
+unsupported family is refused before a client joins a swarm."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
+
+if TYPE_CHECKING:
+    from petald.models.modeling import DistributedModelForCausalLM
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where the local parts sit in the family's *ForCausalLM (dotted attribute paths)."""
-
-    family: str  # the class name stem: "Llama" -> DistributedLlamaForCausalLM
-    embeddings: tuple[str, ...]  # applied in order to the token ids
-    norm: str  # the final norm, applied to the last block's output
-    lm_head: str = "lm_head"
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        return (*self.embeddings, self.norm, self.lm_head)
-
-    def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (batch, seq) -> the first block's input (batch, seq, hidden)."""
-        hidden = model.get_submodule(self.embeddings[0])(input_ids)
-        for path in self.embeddings[1:]:
-            hidden = model.get_submodule(path)(hidden)
-        return hidden
-
-
-_LLAMA_LIKE = dict(embeddings=("model.embed_tokens",), norm="model.norm")
-LAYOUTS: dict[str, Layout] = {
-    "llama": Layout("Llama", **_LLAMA_LIKE),
-    "mistral": Layout("Mistral", **_LLAMA_LIKE),
-    "mixtral": Layout("Mixtral", **_LLAMA_LIKE),
-    "qwen2": Layout("Qwen2", **_LLAMA_LIKE),
-    "qwen3": Layout("Qwen3", **_LLAMA_LIKE),
-    "qwen3_moe": Layout("Qwen3Moe", **_LLAMA_LIKE),
-    "gemma": Layout("Gemma", **_LLAMA_LIKE),  # its embedding module scales by sqrt(hidden)
-    "bloom": Layout(
-        "Bloom",
-        embeddings=("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
-        norm="transformer.ln_f",
-    ),
-    "falcon": Layout(
-        "Falcon", embeddings=("transformer.word_embeddings",), norm="transformer.ln_f"
-    ),
-}
-
-
-def layout_for(config: PretrainedConfig) -> Layout:
-    layout = LAYOUTS.get(config.model_type)
-    if layout is None:
+def family_class(config: PretrainedConfig, base: type[DistributedModelForCausalLM]) -> type:
+    """The family's own transformers class for `base`'s head (`base.auto_mapping`)."""
+    mapping = base.auto_mapping()
+    try:
+        return mapping[type(config)]  # type: ignore[no-any-return]
+    except KeyError:
         raise ValueError(
-            f"unsupported architecture: model_type {config.model_type!r}; petald's distributed "
-            f"models cover {', '.join(sorted(LAYOUTS))}"
-        )
-    return layout
+            f"unsupported architecture: model_type {config.model_type!r} has no "
+            f"{base.head_name} class in the installed transformers"
+        ) from None
+
+
+def distributed_class(
+    config: PretrainedConfig, base: type[DistributedModelForCausalLM]
+) -> type[DistributedModelForCausalLM]:
+    """`Distributed<Family>...`: `base`'s generic class (the first in its MRO that declares a
+    head) combined with the family's class for that head."""
+    generic = next(c for c in base.__mro__ if "head_name" in vars(c))
+    return _combined(generic, family_class(config, generic))
+
+
+@cache
+def _combined(generic: type, family: type[PreTrainedModel]) -> type:
+    attrs = {
+        "__doc__": f"{family.__name__} with its decoder blocks on the swarm "
+        f"(see {generic.__name__}).",
+        "__module__": "petald.models",
+        "family": family,
+    }
+    return type(f"Distributed{family.__name__}", (generic, family), attrs)
+
+
+def served_layers(config: PretrainedConfig) -> str:
+    """Where the family's decoder layers sit in its causal LM (e.g. `model.layers`); a
+    ValueError naming the reason if servers cannot run them."""
+    from transformers import AutoModelForCausalLM
+
+    from petald.server.families import family_for
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    return family_for(meta).layers_path
+
+
+def combined_class(family: type[PreTrainedModel]) -> type:
+    """`Distributed<Family>...` for a family class given by name (`petald.models` exports)."""
+    from petald.models.classification import DistributedModelForSequenceClassification
+    from petald.models.modeling import DistributedModelForCausalLM
+
+    classifier = family.__name__.endswith("ForSequenceClassification")
+    generic = (
+        DistributedModelForSequenceClassification if classifier else DistributedModelForCausalLM
+    )
+    return _combined(generic, family)

@@ -1,10 +1,14 @@
-"""`DistributedModelForCausalLM`: a transformers `PreTrainedModel` + `GenerationMixin` whose
-decoder blocks run on the swarm. It holds the family's local parts (embeddings, final norm, LM
-head; `petald.models.families`) and `transformer_blocks`, a `RemoteSequential` over all blocks.
-`forward` is the family's *ForCausalLM forward with the block loop replaced: stateless through
-`transformer_blocks` (logits, loss, `output_hidden_states`), or one step of a `RemoteCache`
-when given one (generate). `generate()` is transformers' own; it only gets a `RemoteCache` (one
-inference session) instead of a `DynamicCache`. Built by `petald.models.auto.from_pretrained`.
+"""`DistributedModelForCausalLM`: the base of `Distributed<Family>ForCausalLM` classes, each a
+subclass of the family's own transformers class (`DistributedLlamaForCausalLM` is a
+`LlamaForCausalLM`) whose decoder layers are proxies to the swarm
+(`petald.models.remote_layers`): everything else in the model is the family's own code, with its
+own weights (embeddings, final norm, LM head, whatever else it keeps outside its layers), so any
+decoder family that servers can run works here without a table of families. `transformer_blocks`
+is a `RemoteSequential` over all blocks (the research path: `model.transformer_blocks[3:7]`).
+`forward` is the family's forward: stateless through `transformer_blocks` (logits, loss,
+`output_hidden_states`), or one step of a `RemoteCache` when given one (generate).
+`generate()` is transformers' own; it only gets a `RemoteCache` (one inference session) instead
+of a `DynamicCache`. Built by `petald.models.auto` (`from_pretrained`).
 
 Sessions across generate() calls (multi-turn chat):
 
@@ -20,50 +24,45 @@ search inside one needs `batch=num_beams`; outside a session every generate() op
 
 from __future__ import annotations
 
+import inspect
+from functools import cache
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 
 from petald.client import RemoteSequential, SwarmClient
-from petald.hf_internals import GENERATION_CACHE_NAME, RemoteCacheHooks, causal_lm_output, pop_cache
+from petald.hf_internals import (
+    GENERATION_CACHE_NAME,
+    RemoteCacheHooks,
+    pop_cache,
+    rebuild_non_persistent_buffers,
+)
 from petald.models.cache import RemoteCache
-from petald.models.families import Layout, layout_for
 from petald.models.finetune import FineTuningMixin
+from petald.models.remote_layers import RemoteLayers
+
+# Keywords a distributed forward handles itself rather than passing to the family's forward:
+# the family runs without a local cache, and attention masks and positions reach the blocks.
+_OWN_KWARGS = frozenset({"cache_position", "output_attentions", "output_router_logits"})
 
 
 class DistributedModelForCausalLM(
     RemoteCacheHooks, FineTuningMixin, PreTrainedModel, GenerationMixin
 ):
-    config_class = PretrainedConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    layout: Layout | None = None  # set by the family classes; None: taken from the config
+    """Listed first among a family class's bases (see `petald.models.auto.distributed_class`);
+    `attach` turns the family model, built on the meta device, into a distributed one."""
 
-    def __init__(
-        self,
-        config: PretrainedConfig,
-        transformer_blocks: RemoteSequential,
-        local_modules: dict[str, nn.Module],
-    ) -> None:
-        """`local_modules`: the family's modules by their *ForCausalLM path (e.g.
-        `model.norm`), built on the meta device; `load_local_state` gives them weights."""
-        super().__init__(config)
-        self.layout = self.layout or layout_for(config)
-        self.base_model_prefix = self.layout.norm.split(".")[0]
-        for path in self.layout.paths:
-            parent: nn.Module = self
-            *parents, leaf = path.split(".")
-            for name in parents:
-                if not hasattr(parent, name):
-                    parent.add_module(name, nn.Module())
-                parent = getattr(parent, name)
-            parent.add_module(leaf, local_modules[path])
-        self.transformer_blocks = transformer_blocks
-        self._sessions: list[RemoteCache] = []  # open inference_session()s, innermost last
-        self._client: SwarmClient | None = None  # closed with the model when we started it
-        self.post_init()
+    transformer_blocks: RemoteSequential
+    remote_layers: RemoteLayers
+    head_name = "causal LM"  # the head this generic class takes from the family
+
+    @staticmethod
+    def auto_mapping() -> Any:
+        """config class -> the family's class for this head, as the Auto classes map it."""
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING
 
     @classmethod
     def from_pretrained(cls, source: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -72,58 +71,81 @@ class DistributedModelForCausalLM(
 
         return load(cls, source, *args, **kwargs)
 
-    def _check_and_adjust_experts_implementation(self, experts_implementation: Any) -> Any:
-        return experts_implementation  # MoE experts live in the blocks: the servers' choice
+    @classmethod
+    def build_local(
+        cls, config: PretrainedConfig, transformer_blocks: RemoteSequential
+    ) -> DistributedModelForCausalLM:
+        """The family model on the meta device, its decoder layers proxies to
+        `transformer_blocks`; `load_local_state` gives the rest weights."""
+        from petald.server.families import family_for  # the servers' check of the layers
+
+        with torch.device("meta"):
+            model = cls(config)
+        model.attach(transformer_blocks, family_for(model).layers_path)
+        return model
 
     def load_local_state(
         self, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
     ) -> None:
         """Assigns the checkpoint's tensors (by state-dict name) to the meta-built modules, in
-        `dtype` on `device`; ties the LM head to the embeddings where the config
-        says so (the checkpoint then has no LM head of its own)."""
-        embed_weight = f"{self.layout.embeddings[0]}.weight"
-        head_weight = f"{self.layout.lm_head}.weight"
-        tie = getattr(self.config.get_text_config(), "tie_word_embeddings", False)
-        if head_weight not in state and tie and embed_weight in state:
-            state = {**state, head_weight: state[embed_weight]}
-        missing = [n for n in self.state_dict() if n not in state]
+        `dtype` (floating-point ones) on `device`, and ties the LM head to the embeddings
+        where the family does (the checkpoint then need not have a head of its own).
+        Non-persistent buffers (rotary frequencies, embedding scales) are in no checkpoint:
+        the family's own initialisation computes them, as transformers' from_pretrained does."""
+        rebuild_non_persistent_buffers(self, device)
+        names = list(self.state_dict())
+        tied = self._tied_head_name()
+        missing = [n for n in names if n not in state and n != tied]
         if missing:
-            raise ValueError(f"the checkpoint lacks {missing}: is it a {self.layout.family}?")
+            raise ValueError(
+                f"the checkpoint lacks {missing}: is it a {self.config.model_type} model?"
+            )
         self.load_state_dict(
-            {k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+            {
+                k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                for k, v in state.items()
+                if k in names
+            },
             strict=False,
             assign=True,
         )
-        if tie:
-            self.lm_head_module.weight = self.get_submodule(self.layout.embeddings[0]).weight
-        self._rebuild_buffers(device, dtype)
+        if tied is not None:
+            self.tie_weights()
+        if stale := [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]:
+            raise ValueError(f"unsupported architecture: {stale} cannot be loaded or rebuilt")
         self.eval()
         self.requires_grad_(False)  # frozen by default; fine-tuning (issue 6) opts in
 
-    def _rebuild_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Non-persistent buffers are in no checkpoint and were built on the meta device. The
-        one kind the local parts have is a constant its module also keeps as a float
-        (`scalar_<name>`, e.g. Gemma's embedding scale); anything else is unsupported."""
-        for path, module in self.named_modules():
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                if not buffer.is_meta:
-                    continue
-                value = getattr(module, f"scalar_{name}", None)
-                if not isinstance(value, float | int):
-                    raise ValueError(f"unsupported architecture: {path}.{name} cannot be rebuilt")
-                module.register_buffer(
-                    name, torch.tensor(value, device=device, dtype=dtype), persistent=False
-                )
+    def _tied_head_name(self) -> str | None:
+        """The LM head weight's name where the family ties it to the input embeddings."""
+        text = self.config.get_text_config()
+        head = self.get_output_embeddings()
+        if not getattr(text, "tie_word_embeddings", False) or head is None:
+            return None
+        for name, module in self.named_modules():
+            if module is head:
+                return f"{name}.weight"
+        return None
 
-    @property
-    def lm_head_module(self) -> nn.Module:
-        return self.get_submodule(self.layout.lm_head)
+    def attach(self, transformer_blocks: RemoteSequential, layers_path: str) -> None:
+        """Replaces the decoder layers at `layers_path` with proxies to `transformer_blocks`."""
+        self.remote_layers = RemoteLayers.install(self, layers_path, self.base_model)
+        self.transformer_blocks = transformer_blocks
+        self._sessions: list[RemoteCache] = []  # open inference_session()s, innermost last
+        self._client: SwarmClient | None = None  # closed with the model when we started it
+        self._final_hidden: list[torch.Tensor] = []  # the base model's output, when asked
+        self.base_model.register_forward_hook(self._keep_final_hidden)
+        # MoE routers run on the servers: their logits (and an auxiliary loss) are not here.
+        for config in {id(c): c for c in (self.config, self.config.get_text_config())}.values():
+            if getattr(config, "output_router_logits", False):
+                config.output_router_logits = False
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.get_submodule(self.layout.embeddings[0])
+    def _keep_final_hidden(self, module: Any, args: Any, output: Any) -> None:
+        if self._final_hidden:  # armed by a forward that returns hidden states
+            self._final_hidden[0] = output[0]  # last_hidden_state: after the final norm
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head_module
+    def _check_and_adjust_experts_implementation(self, experts_implementation: Any) -> Any:
+        return experts_implementation  # MoE experts live in the blocks: the servers' choice
 
     # ---- sessions ----------------------------------------------------------------------------
 
@@ -214,14 +236,13 @@ class DistributedModelForCausalLM(
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         cache: RemoteCache | None = None,
         **kwargs: Any,
     ) -> Any:
-        """As the family's *ForCausalLM.forward. `attention_mask` (batch, seq) with 1 for real
-        tokens (left padding); `position_ids` default to 0..seq-1 like transformers'. With a
-        `RemoteCache` in `cache` (transformers >= 5.24 spelling) or `past_key_values`, this is
-        one step of its session."""
+        """The family's forward. `attention_mask` (batch, seq) with 1 for real tokens (left
+        padding); `position_ids` default to 0..seq-1 after what a cache holds, like
+        transformers'. With a `RemoteCache` in `cache` (transformers >= 5.24 spelling) or
+        `past_key_values`, this is one step of its session."""
         past_key_values = pop_cache(dict(cache=cache, past_key_values=past_key_values))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -229,28 +250,49 @@ class DistributedModelForCausalLM(
             raise ValueError("attention weights stay on the servers: output_attentions=False")
         if past_key_values is not None and not isinstance(past_key_values, RemoteCache):
             raise ValueError("past_key_values must be a RemoteCache (model.inference_session)")
-        if inputs_embeds is None:
-            inputs_embeds = self.layout.embed(self, input_ids)
-        hidden_states: tuple[torch.Tensor, ...] | None = None
-        if past_key_values is not None and use_cache is not False:
-            if output_hidden_states:
-                raise ValueError("an inference step returns the last block's output only")
-            out = past_key_values.step(inputs_embeds, attention_mask, position_ids, input_ids)
-        else:
-            out, hidden_states = self._run_blocks(
-                inputs_embeds, attention_mask, position_ids, bool(output_hidden_states)
-            )
-        out = self.get_submodule(self.layout.norm)(out)
-        if hidden_states is not None:  # as transformers: the last one with the final norm
-            hidden_states = (*hidden_states[:-1], out)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head_module(out[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.get_text_config().vocab_size)
-        return causal_lm_output(
-            loss=loss, logits=logits, cache=past_key_values, hidden_states=hidden_states
+        step = past_key_values is not None and use_cache is not False
+        every = bool(output_hidden_states)
+        if step and every:
+            raise ValueError("an inference step returns the last block's output only")
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+            if step:
+                assert past_key_values is not None
+                return past_key_values.step(x, attention_mask, position_ids, input_ids), None
+            last, hidden = self._run_blocks(x, attention_mask, position_ids, every)
+            return last, (hidden[1:] if hidden is not None else None)
+
+        ref = input_ids if input_ids is not None else inputs_embeds
+        assert ref is not None
+        past = past_key_values.get_seq_length() if step else 0  # type: ignore[union-attr]
+        family_positions = position_ids
+        if family_positions is None:  # what the family's forward would take with a local cache
+            family_positions = torch.arange(past, past + ref.shape[1], device=ref.device)[None]
+        family_kwargs = dict(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=family_positions,
+            labels=labels,
+            use_cache=False,
+            **{k: v for k, v in kwargs.items() if k not in _OWN_KWARGS},
         )
+        accepted = _keywords(type(self))
+        if accepted is not None:
+            family_kwargs = {k: v for k, v in family_kwargs.items() if k in accepted}
+        self._final_hidden[:] = [ref] if every else []
+        try:
+            with self.remote_layers.call(run, every) as call:
+                out = super().forward(**family_kwargs)
+            final = self._final_hidden[0] if every else None
+        finally:
+            self._final_hidden.clear()
+        if every:
+            assert call.outputs is not None and call.block_input is not None
+            # As transformers: the embeddings, each block's output, the last one normed.
+            out["hidden_states"] = (call.block_input, *call.outputs[:-1], final)
+        if step:
+            out[GENERATION_CACHE_NAME] = past_key_values
+        return out
 
     def _new_cache(self, **kwargs: Any) -> RemoteCache:
         """A cache over the remote blocks; with fine-tuning on (petald.models.finetune), one
@@ -279,3 +321,13 @@ class DistributedModelForCausalLM(
         stacked = blocks.forward(x.to("cpu"), wire_mask, wire_positions, all_hidden=True)
         stacked = stacked.to(x.device, x.dtype)  # (blocks, batch, seq, hidden)
         return stacked[-1], (x, *stacked.unbind(0))
+
+
+@cache
+def _keywords(cls: type) -> frozenset[str] | None:
+    """The keywords the family's forward takes (None: it takes any, through **kwargs)."""
+    family_forward = super(DistributedModelForCausalLM, cls).forward  # type: ignore[misc]
+    params = inspect.signature(family_forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)

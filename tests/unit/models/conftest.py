@@ -29,6 +29,7 @@ from petald.models import DistributedModelForCausalLM
 from petald.models.auto import build
 from petald.server.blocks import Span
 from petald.server.loading import load_span
+from petald.testing.family_configs import MORE_FAMILIES, tiny_family_config
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
@@ -44,6 +45,7 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "falcon": lambda: FalconConfig(**COMMON),
     "bloom": lambda: BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=4),
 }
+CONFIGS.update({t: (lambda t=t: tiny_family_config(t)) for t in MORE_FAMILIES})
 
 
 class LocalSession:

@@ -1,15 +1,17 @@
-"""Every supported family's local parts (embeddings, final norm, LM head) around the blocks
-give the transformers model's logits, loss and hidden states for a left-padded batch, and
-generate() through a `RemoteCache` (greedy, beam search, seeded sampling) gives its tokens. The
-blocks run in process here (conftest); tests/swarm/test_models.py runs them on servers."""
+"""The distributed model of each family (the family's own class, its layers remote) gives the
+transformers model's logits, loss and hidden states for a left-padded batch, and generate()
+through a `RemoteCache` (greedy, beam search, seeded sampling) gives its tokens: the families
+petald had a table for and fifteen that no petald code names (petald.testing.family_configs).
+The blocks run in process here (conftest); tests/swarm/test_models.py runs them on servers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from petald.models import LAYOUTS, DistributedModelForCausalLM, RemoteCache, layout_for
+from petald.models import DistributedModelForCausalLM, RemoteCache, served_layers
 from petald.models.checkpoint import model_name
+from petald.testing.family_configs import MORE_FAMILIES
 
 FAMILIES = [
     "llama",
@@ -21,6 +23,7 @@ FAMILIES = [
     "gemma",
     "falcon",
     "bloom",
+    *MORE_FAMILIES,
 ]
 TOL = 1e-5
 
@@ -37,7 +40,8 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_matches_transformers(distributed, family: str) -> None:
     model, ref = distributed(family)
-    assert type(model).__name__ == f"Distributed{model.layout.family}ForCausalLM"
+    assert type(model).__name__ == f"Distributed{type(ref).__name__}"
+    assert isinstance(model, type(ref))  # the family's own class, its decoder layers remote
     ids, mask = padded_batch()
     real = mask.bool()
     with torch.no_grad():
@@ -104,11 +108,16 @@ def test_remote_cache_bookkeeping(distributed) -> None:
 
 
 def test_unsupported_architecture_is_named() -> None:
-    from transformers import GPT2Config
+    """A family servers cannot run (a state-space model: no per-token KV cache) and one with
+    no causal LM class are refused with the reason, before any swarm is joined."""
+    from transformers import MambaConfig, T5Config
 
-    with pytest.raises(ValueError, match="unsupported architecture: model_type 'gpt2'"):
-        layout_for(GPT2Config())
-    assert {"llama", "mistral", "mixtral", "qwen2", "qwen3", "bloom", "falcon"} <= set(LAYOUTS)
+    from petald.models import distributed_class
+
+    with pytest.raises(ValueError, match=r"unsupported architecture.*mamba"):
+        served_layers(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2))
+    with pytest.raises(ValueError, match="model_type 't5' has no causal LM class"):
+        distributed_class(T5Config(), DistributedModelForCausalLM)
 
 
 def test_model_name_is_the_servers(tmp_path) -> None:
