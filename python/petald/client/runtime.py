@@ -12,6 +12,7 @@ through it shares: the bans of peers that failed, measured round-trip times, the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import multiaddr
+import torch
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
@@ -64,6 +66,28 @@ class ClientConfig:
             raise ValueError("give the multiaddr of at least one swarm peer (initial_peers)")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+
+
+def serial_torch_in_this_thread() -> bool:
+    """Makes torch run single-threaded in the calling thread only (its OpenMP `nthreads` ICV, which
+    is per thread); other threads keep their setting. Returns False where the OpenMP runtime's
+    `omp_set_num_threads` is not reachable (then nothing changed).
+
+    Why the client's loop thread needs it: the loop decodes answers, concatenates the session
+    history and encodes requests with torch. Once one of those ops is big enough to go parallel
+    (over 32768 elements, e.g. the history of ~57 tokens of SmolLM2), GNU OpenMP gives this thread
+    a thread team of its own, beside the one of the thread that runs the user's model. The
+    process then manages more OpenMP threads than it has CPUs, and libgomp cuts every team's
+    spin-wait to 100 iterations (`gomp_throttled_spin_count_var`, libgomp/env.c): each parallel
+    region then wakes sleeping threads with a futex, and a local model in the same process
+    decoded at 18 instead of 32 tokens/s until the loop thread ended. Not `torch.set_num_threads`:
+    it also sets the default of every thread started later in the process (the user's)."""
+    torch.get_num_threads()  # torch's lazy per-thread init sets the ICV: let it run first
+    setter = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+    if setter is None:
+        return False
+    setter(1)
+    return torch.get_num_threads() == 1
 
 
 def _leaf(error: BaseException) -> BaseException:
@@ -135,6 +159,7 @@ class SwarmClient:
         self.close()
 
     def _thread_main(self) -> None:
+        serial_torch_in_this_thread()
         try:
             trio.run(self._main)
         except BaseException as e:  # reported to start(); after start, calls see the loop end

@@ -1,18 +1,26 @@
 """SwarmClient's lifecycle without a swarm: a start that cannot join fails with the one clear
 error within its bound and leaves no thread behind; close is idempotent; calls after close are
-refused. (Joining a real swarm is tested in tests/swarm/test_client.py.)"""
+refused; the loop thread's torch runs serially. (Joining a real swarm is tested in
+tests/swarm/test_client.py.)"""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
+import torch
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from petald.client import ClientConfig, SwarmClient
+from petald.client.runtime import serial_torch_in_this_thread
 from petald.errors import PeerUnavailable, SessionClosed
+
+T = TypeVar("T")
 
 
 def client_threads() -> list[threading.Thread]:
@@ -42,3 +50,38 @@ def test_config_is_checked() -> None:
         SwarmClient([])
     with pytest.raises(ValueError, match="max_attempts"):
         ClientConfig(initial_peers=("/ip4/127.0.0.1/tcp/1/p2p/x",), max_attempts=0)
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def in_thread(fn: Callable[[], T]) -> T:
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_loop_thread_torch_makes_no_thread_team() -> None:
+    # The client's loop thread runs torch ops (history concatenation, decoding) big enough to go
+    # parallel; a thread team of its own there made libgomp throttle the spin-wait of the
+    # user's model in the same process (it decoded at 18 instead of 32 tokens/s).
+    main_threads = torch.get_num_threads()
+    big = torch.randn(1, 200, 576)  # > 32768 elements: a parallel op where threads > 1
+
+    def loop_thread() -> tuple[bool, int, int]:
+        done = serial_torch_in_this_thread()
+        before = os_threads()
+        torch.cat([big, big], 1).mul_(2)
+        return done, torch.get_num_threads(), os_threads() - before
+
+    done, threads, new_os_threads = in_thread(loop_thread)
+    if not done:
+        pytest.skip("this torch build's OpenMP runtime does not export omp_set_num_threads")
+    assert (threads, new_os_threads) == (1, 0)
+    # Only that thread changed: this one, and a thread started afterwards, keep the default.
+    assert torch.get_num_threads() == main_threads
+    assert in_thread(torch.get_num_threads) == main_threads
