@@ -167,6 +167,39 @@ def cached_length(cache: Cache, layer_idx: int) -> int:
     return cache.layers[layer_idx].get_seq_length()
 
 
+def cache_layer_types(config: PretrainedConfig) -> list[str]:
+    """The cache kind transformers gives each decoder layer (what `DynamicCache(config=...)`
+    builds): "full_attention", "sliding_attention", "chunked_attention", "dummy" (layers
+    without attention, or that reuse another layer's cache), "linear_attention", "conv",
+    "hybrid", ... or a family's own kinds ("mamba", "recurrent", ...)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    kinds, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return list(kinds)
+
+
+def shares_kv_across_layers(config: PretrainedConfig) -> bool:
+    """Whether some layers attend with another layer's keys and values (Gemma 3n's and Gemma 4's
+    KV sharing: `num_kv_shared_layers`, `kv_sharing_modes`)."""
+    text = config.get_text_config(decoder=True)
+    modes = getattr(text, "kv_sharing_modes", None) or ()
+    return "reuse" in modes or bool(getattr(text, "num_kv_shared_layers", 0))
+
+
+def base_forward_cache_arg(base: nn.Module) -> str | None:
+    """The keyword a base model's forward takes its cache under (`cache` from 5.24,
+    `past_key_values` before and in some families)."""
+    return _cache_param(type(base).forward)
+
+
+def cache_view(layers: list[Any]) -> DynamicCache:
+    """A `DynamicCache` over given cache layers (one per model layer; the same layer object may
+    stand at several indices)."""
+    kv = DynamicCache()
+    kv.layers = layers
+    return kv
+
+
 # ---- loading ----------------------------------------------------------------------------------
 
 
@@ -262,27 +295,29 @@ def gguf_names(
     return mapping
 
 
-def rebuild_non_persistent_buffers(model: PreTrainedModel, device: torch.device | str) -> None:
-    """Gives every non-persistent buffer of `model` still on the meta device (rotary `inv_freq`,
-    Gemma's embedding normalizer, GPT-2's causal-mask triangle, ...) its value on `device`, as
-    `from_pretrained` does for a model built on meta: an empty tensor of the buffer's shape and
-    dtype, then the model's own `_init_weights` on the module that owns it. Parameters and
-    buffers that already hold values are left as they are (transformers' init functions skip
-    tensors flagged `_is_hf_initialized`); parameters still on meta stay there."""
+def rebuild_non_persistent_buffers(
+    model: PreTrainedModel, device: torch.device | str, *, within: nn.Module | None = None
+) -> None:
+    """Gives every non-persistent buffer of `model` (or of `within`, a part of it that is no
+    longer reachable from it, e.g. a served layer) still on the meta device (rotary `inv_freq`,
+    Gemma's embedding scale, ...) its value on `device`, as `from_pretrained` does for a model
+    built on meta: an empty tensor of the buffer's shape and dtype, then the model's own
+    `_init_weights` on the module that owns it. Parameters and buffers that already hold values
+    are left as they are (transformers' init functions skip tensors flagged
+    `_is_hf_initialized`); parameters still on meta stay there."""
     from transformers import initialization
 
-    owners: dict[int, nn.Module] = {}
+    owners: list[nn.Module] = []
     fresh: set[int] = set()
-    for name, buffer in list(model.named_non_persistent_buffers()):
-        if not buffer.is_meta:
-            continue
-        parent, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        value = torch.empty_like(buffer, device=device)
-        owner.register_buffer(leaf, value, persistent=False)
-        owners[id(owner)] = owner
-        fresh.add(id(value))
-    for owner in owners.values():
+    for owner in (within or model).modules():
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer.is_meta and name in owner._non_persistent_buffers_set:
+                value = torch.empty_like(buffer, device=device)
+                owner.register_buffer(name, value, persistent=False)
+                fresh.add(id(value))
+                if not owners or owners[-1] is not owner:
+                    owners.append(owner)
+    for owner in owners:
         kept = [
             t for t in (*owner.parameters(), *owner.buffers())
             if id(t) not in fresh and not getattr(t, "_is_hf_initialized", False)
@@ -333,10 +368,6 @@ class RemoteCacheHooks:
     first among the bases. generate() calls `_prepare_cache_for_generation` to make a
     `DynamicCache` unless one was given; the model's `check_generation_cache(cache,
     max_cache_length)` sees the cache first (and may size it)."""
-
-    # Attention runs on the servers: these only quiet transformers' checks of the local model.
-    _supports_sdpa = True
-    _tied_weights_keys = None  # tied by hand once the weights are loaded
 
     def check_generation_cache(self, cache: Any, max_cache_length: int) -> None:
         raise NotImplementedError
@@ -394,6 +425,9 @@ __all__ = [
     "bloom_alibi",
     "bloom_alibi_slopes",
     "cached_length",
+    "base_forward_cache_arg",
+    "cache_layer_types",
+    "cache_view",
     "causal_lm_model_types",
     "causal_lm_output",
     "causal_mask",
@@ -410,5 +444,6 @@ __all__ = [
     "reorder_layer",
     "sequence_classification_loss",
     "sequence_classifier_output",
+    "shares_kv_across_layers",
     "span_cache",
 ]

@@ -2,9 +2,9 @@
 through any sub-range of the span (training and one-shot inference; autograd gives input
 gradients), `Span.new_cache` + `Span.step` run it token by token with a KV cache that covers only
 the span's blocks, and `SpanCache.rollback` rewinds a session to an earlier position. The blocks
-are the model family's own transformers decoder layers (built by `petald.server.loading`); the
-per-call inputs they need (rotary cos/sin, masks, ALiBi) come from `petald.server.families`, so a
-span reproduces the full transformers model's hidden states.
+are the model family's own transformers decoder layers (built by `petald.server.loading`), run
+through the family's own base forward (`petald.server.families.Runner`), so a span reproduces the
+full transformers model's hidden states.
 """
 
 from __future__ import annotations
@@ -15,30 +15,25 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from petald.hf_internals import crop_layer, reorder_layer, span_cache
-from petald.server.adapters import LoRA, add_prompt, applied
+from petald.hf_internals import cache_view, crop_layer, reorder_layer, span_cache
+from petald.server.adapters import LoRA, applied
 from petald.server.checkpoint import LoadStats
-from petald.server.families import Family
+from petald.server.families import Runner, Unsupported
 from petald.types import BlockRange
-
-
-@dataclass(frozen=True)
-class Extras:
-    """Per-call additions to the blocks (fine-tuning): deep prompts and a LoRA adapter, for the
-    blocks of the call's range; `position` is where the call's tokens start."""
-
-    prompts: torch.Tensor | None
-    lora: LoRA | None
-    position: int
 
 
 @dataclass
 class SpanCache:
     """The KV cache of one inference session through blocks `blocks` of a span. `position` is
     the number of tokens it holds. Sliding-window layers keep their whole history too (the window
-    is applied by the mask, which is exact), so that rollback to any earlier position works."""
+    is applied by the mask, which is exact), so that rollback to any earlier position works.
+    `kv` holds one layer per block of `blocks`; `view` is what the model's forward sees: one
+    layer per model block, the blocks outside `blocks` (and those without attention) standing
+    in with an alias of the first one, so that the forward sizes its masks and reads the
+    sequence length as it would on a whole-model cache. Aliases are never written."""
 
     kv: DynamicCache
+    view: DynamicCache
     blocks: BlockRange
     batch_size: int
     max_length: int
@@ -71,7 +66,7 @@ class Span(nn.Module):
 
     def __init__(
         self,
-        family: Family,
+        runner: Runner,
         blocks: BlockRange,
         layers: nn.ModuleList,
         dtype: torch.dtype,
@@ -80,8 +75,9 @@ class Span(nn.Module):
         quant: str = "none",
     ) -> None:
         super().__init__()
-        self.family = family
-        self.config = family.config
+        self.runner = runner
+        self.family = runner.family
+        self.config = runner.family.config
         self.blocks = blocks
         self.layers = layers
         self.dtype = dtype
@@ -114,8 +110,7 @@ class Span(nn.Module):
         mask = self._mask(attention_mask, batch, seq)
         positions = self._positions(position_ids, batch, 0, seq)
         outputs: list[torch.Tensor] | None = [] if all_hidden else None
-        extras = Extras(prompts, lora, 0)
-        out = self._run(hidden, sub, mask, positions, None, outputs, extras)
+        out = self._run(hidden, sub, mask, positions, None, prompts, lora, 0, outputs)
         return torch.stack(outputs) if outputs is not None else out
 
     def new_cache(
@@ -131,9 +126,13 @@ class Span(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not (isinstance(max_length, int) and max_length > 0):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        kv = span_cache(len(self.blocks))  # slot = index in the span
         sub = self._sub_range(start_block, end_block)
-        return SpanCache(kv, sub, batch_size, max_length)
+        kv = span_cache(len(sub))  # layer i: block sub.start + i
+        kinds = self.family.cache_kinds
+        own = [i for i in range(sub.start, sub.end) if kinds[i] != "dummy"] or [sub.start]
+        alias = kv.layers[own[0] - sub.start]
+        layers = [kv.layers[i - sub.start] if i in own else alias for i in range(len(kinds))]
+        return SpanCache(kv, cache_view(layers), sub, batch_size, max_length)
 
     @torch.no_grad()
     def step(
@@ -165,13 +164,46 @@ class Span(nn.Module):
         mask = self._mask(attention_mask, batch, position + seq)
         positions = self._positions(position_ids, batch, position, seq)
         try:
-            extras = Extras(prompts, lora, position)
-            out = self._run(hidden, cache.blocks, mask, positions, cache, None, extras)
+            out = self._run(hidden, cache.blocks, mask, positions, cache, prompts, lora, position)
         except BaseException:
             cache.rollback(position)  # blocks that already stored this step's keys forget them
             raise
         cache.position = position + seq
         return out
+
+    @torch.no_grad()
+    def probe(self) -> None:
+        """Runs the span on made-up hidden states (stateless, its last block alone, and a cached
+        prefill and step) with `Runner.run(probe=True)`; raises ValueError for a family whose
+        forward does not treat its layers as self-contained blocks: it fails without the
+        embeddings, passes the layers inputs computed from outside the blocks, or changes the
+        hidden state between them."""
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 3, self.config.hidden_size, generator=gen)
+        x = x.to(device=self.device, dtype=self.dtype)
+        start, end = self.blocks.start, self.blocks.end
+        positions = torch.arange(3, device=self.device)[None]
+        try:
+            for first in dict.fromkeys((start, end - 1)):
+                self.runner.run(
+                    x, first, end, attention_mask=None, position_ids=positions, cache=None,
+                    probe=True,
+                )  # fmt: skip
+            cache = self.new_cache(1, 3)
+            for pos, seq in ((0, 2), (2, 1)):
+                self.runner.run(
+                    x[:, pos : pos + seq], start, end, attention_mask=None,
+                    position_ids=positions[:, pos : pos + seq], cache=cache.view, probe=True,
+                )  # fmt: skip
+        except Unsupported:
+            raise
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:
+            raise Unsupported(
+                f"unsupported architecture {self.family.name}: its forward fails on a span of "
+                f"its blocks ({type(e).__name__}: {e})"
+            ) from e
 
     def _run(
         self,
@@ -180,30 +212,24 @@ class Span(nn.Module):
         mask: torch.Tensor | None,
         positions: torch.Tensor,
         cache: SpanCache | None,
+        prompts: torch.Tensor | None,
+        lora: LoRA | None,
+        position: int,
         outputs: list[torch.Tensor] | None = None,
-        extras: Extras | None = None,
     ) -> torch.Tensor:
         first = sub.start - self.blocks.start
-        types = self.family.layer_types[sub.start : sub.end]
-        all_kwargs = self.family.layer_kwargs(
-            hidden,
-            span_types=types,
-            first_cache_idx=first,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache.kv if cache is not None else None,
-        )
-        layers = list(self.layers[first : first + len(sub)])
-        prompts = extras.prompts if extras is not None else None
-        with applied(layers, extras.lora if extras is not None else None):
-            for j, (layer, kwargs) in enumerate(zip(layers, all_kwargs, strict=True)):
-                if prompts is not None:
-                    hidden = add_prompt(hidden, prompts[j], extras.position)  # type: ignore[union-attr]
-                out = layer(hidden, **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out  # BLOOM, Falcon: (hidden, attn)
-                if outputs is not None:
-                    outputs.append(hidden)
-        return hidden
+        with applied(list(self.layers[first : first + len(sub)]), lora):
+            return self.runner.run(
+                hidden,
+                sub.start,
+                sub.end,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache.view if cache is not None else None,
+                prompts=prompts,
+                position=position,
+                outputs=outputs,
+            )
 
     def _sub_range(self, start: int | None, end: int | None) -> BlockRange:
         start = self.blocks.start if start is None else start

@@ -1,209 +1,332 @@
-"""What each model family needs around its blocks to run them at arbitrary positions: where the
-decoder layers sit in the transformers model, and the per-call inputs that the model's own
-`forward` would normally compute before its layer loop (rotary cos/sin, causal and padding masks,
-sliding-window masks, ALiBi biases). The entry point is `family_for(model)`, which returns a
-`Family` for a model instantiated on the meta device, or raises ValueError for architectures
-petald cannot serve. Everything here mirrors the model's own forward in the installed
-transformers, so a span reproduces the full model's hidden states exactly.
+"""How a span runs its blocks with the family's own code: the model's base forward (`LlamaModel`,
+`GPT2Model`, ...) computes the per-call inputs of its layers (masks, rotary cos/sin, ALiBi,
+per-layer attention kinds), and a `Runner` stands in its decoder-layer list so that only the
+span's real layers compute. Entry points: `family_for(model)` checks, on the *ForCausalLM built on
+the meta device, that its layers are self-contained (or raises ValueError naming why not), and
+`Runner(family, ...)` takes over that meta model for one span.
+
+A call runs the base forward on `inputs_embeds` = the incoming hidden states (for their shape,
+dtype and device only) with the span's mask, positions and a cache view. Each entry of the layer
+list is a `_Proxy`: those before the call's range hand their input on untouched; the first one in
+range drops the hidden state it is handed (the forward may have scaled or normalized its
+`inputs_embeds`, e.g. Gemma's normalizer or Granite's multiplier: that is the client's part) and
+calls its real layer on the true incoming activation, with exactly the arguments the forward
+passed; the last one in range stops the forward (`_Done`), so the final norm never runs. Modules
+of the base model outside the layers (embeddings, final norm: never loaded, left on meta) are
+`_Outside` stubs that return NaN: a value the first in-range proxy discards, and one that shows
+up if the forward feeds it to a layer (checked when a span is loaded, `Runner.probe`).
 """
 
 from __future__ import annotations
 
-import inspect
-import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import Cache, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from petald.hf_internals import (
-    bloom_alibi,
-    bloom_alibi_slopes,
-    cached_length,
-    causal_mask,
-    falcon_alibi,
-    kv_length,
-    layer_cache_arg,
+    base_forward_cache_arg,
+    cache_layer_types,
+    rebuild_non_persistent_buffers,
+    shares_kv_across_layers,
+)
+from petald.server.adapters import add_prompt
+
+# What decoder-only models call their list of blocks (`model.layers`, `transformer.h`,
+# `model.decoder.layers`, ...): the shallowest ModuleList of num_hidden_layers entries so named.
+LAYER_NAMES = ("layers", "h", "blocks")
+# Cache kinds whose state is a per-token KV cache that a span can hold, roll back and reorder
+# (sliding and chunked layers keep their whole history; their mask applies the window). "dummy":
+# layers without attention (MLP-only), which hold no cache.
+SERVED_CACHE_KINDS = frozenset(
+    {"full_attention", "sliding_attention", "chunked_attention", "dummy"}
 )
 
-Style = Literal["rotary", "falcon", "bloom"]
 
-# Where decoder-only models keep their blocks, relative to the base model (`model.model`,
-# `model.transformer`, ...). The first ModuleList found with num_hidden_layers entries wins.
-LAYER_ATTRS = ("layers", "h", "blocks", "decoder.layers")
-SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+class Unsupported(ValueError):
+    """The model's forward does not treat its layers as self-contained blocks."""
 
 
 @dataclass(frozen=True)
 class Family:
-    """How to run the blocks of one model: `layers_path` is the ModuleList's name inside the
-    *ForCausalLM model (e.g. `model.layers`), `layer_types` has one entry per model layer."""
+    """What `family_for` found: `layers_path` is the decoder-layer list's name inside the
+    *ForCausalLM model (e.g. `model.layers`); the forward that runs them is that of the module
+    holding the list (`owner_path`, e.g. `model`: a `LlamaModel`; `model.decoder` for OPT);
+    `cache_kinds` is the cache kind of each model layer, `cache_arg` the keyword that forward
+    takes its cache under."""
 
-    style: Style
+    name: str  # for messages: class and model_type
     config: PretrainedConfig
+    model: PreTrainedModel  # on the meta device
     layers_path: str
-    layer_types: tuple[str, ...]
-    rotary: nn.Module | None  # the model's own rotary embedding class, built on the real device
-    cache_arg: (
-        str  # the keyword the layers take their KV cache under (renamed in transformers 5.24)
-    )
-
-    def layer_kwargs(
-        self,
-        hidden: torch.Tensor,  # (batch, seq, hidden)
-        *,
-        span_types: tuple[str, ...],  # layer_types of the blocks being run, in order
-        first_cache_idx: int,  # cache layer of the first block being run
-        attention_mask: torch.Tensor | None,  # (batch, past + seq), 1 = real token
-        position_ids: torch.Tensor,  # (batch or 1, seq)
-        cache: Cache | None,
-    ) -> list[dict[str, Any]]:
-        """Keyword arguments for each block's forward, computed once per call like the model's
-        own forward does before its layer loop."""
-        if self.style == "bloom":
-            kw = self._bloom(hidden, first_cache_idx, attention_mask, cache)
-            return [kw] * len(span_types)
-        if self.style == "falcon":
-            kw = self._falcon(hidden, first_cache_idx, attention_mask, position_ids, cache)
-            return [kw] * len(span_types)
-        masks = {
-            # Sized against this call's first cache layer of that kind, as the model does with
-            # its first layer: the cache may cover other blocks than the ones run.
-            kind: causal_mask(
-                self.config,
-                hidden,
-                attention_mask,
-                cache,
-                first_cache_idx + span_types.index(kind),
-                sliding=kind == "sliding_attention",
-                position_ids=position_ids,
-            )
-            for kind in dict.fromkeys(span_types)
-        }
-        cos_sin = self._cos_sin(hidden, position_ids)
-        return [
-            dict(
-                attention_mask=masks[kind],
-                position_ids=position_ids,
-                position_embeddings=cos_sin,
-                use_cache=cache is not None,
-                **{self.cache_arg: cache},
-            )
-            for kind in span_types
-        ]
-
-    def _cos_sin(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        if self.rotary is None:  # family_for builds it for every style but BLOOM's
-            raise RuntimeError(f"the {self.style} family has no rotary embedding")
-        return self.rotary(hidden, position_ids)
-
-    def _bloom(self, hidden, first, attention_mask, cache) -> dict[str, Any]:
-        batch, seq, _ = hidden.shape
-        heads = self.config.n_head
-        if attention_mask is None:
-            # ALiBi only needs key positions 0..kv_length-1; softmax ignores the constant offset.
-            kv_len = kv_length(cache, seq, first) if cache is not None else seq
-            slopes = bloom_alibi_slopes(heads, hidden.device)
-            alibi = slopes[:, None, None] * torch.arange(kv_len, device=hidden.device)
-            alibi = alibi.repeat(batch, 1, 1).to(hidden.dtype)  # (batch * heads, 1, kv)
-        else:
-            alibi = bloom_alibi(attention_mask, heads, hidden.dtype)
-        mask = causal_mask(self.config, hidden, attention_mask, cache, first)
-        return dict(alibi=alibi, attention_mask=mask, layer_past=cache, use_cache=cache is not None)
-
-    def _falcon(self, hidden, first, attention_mask, position_ids, cache) -> dict[str, Any]:
-        batch, seq, _ = hidden.shape
-        heads = self.config.num_attention_heads
-        past = cached_length(cache, first) if cache is not None else 0
-        alibi = None
-        if self.config.alibi:
-            tokens = attention_mask
-            if tokens is None:
-                tokens = torch.ones((batch, past + seq), device=hidden.device, dtype=torch.long)
-            alibi = falcon_alibi(tokens, heads, hidden.dtype)
-        # ALiBi is folded into a materialized mask below: no is-causal shortcut.
-        mask = causal_mask(
-            self.config, hidden, attention_mask, cache, first, allow_is_causal_skip=False
-        )
-        if alibi is not None and isinstance(mask, torch.Tensor) and mask.ndim == 4:
-            # Falcon adds ALiBi to the attention scores through the mask (sdpa) as FalconModel does.
-            lowest = torch.finfo(hidden.dtype).min
-            if mask.dtype == torch.bool:
-                zero = torch.zeros((), device=mask.device, dtype=hidden.dtype)
-                mask = torch.where(mask, zero, lowest)
-            alibi = alibi.reshape(batch, -1, *alibi.shape[1:])  # (batch, heads, 1, kv)
-            scaled = alibi / math.sqrt(self.config.hidden_size // heads)
-            mask = torch.masked_fill(scaled, mask < -1, lowest)
-        return dict(
-            alibi=alibi,
-            attention_mask=mask,
-            position_ids=position_ids,
-            layer_past=cache,
-            use_cache=cache is not None,
-            position_embeddings=self._cos_sin(hidden, position_ids),
-        )
+    owner_path: str
+    cache_kinds: tuple[str, ...]
+    cache_arg: str
 
 
-def family_for(model: PreTrainedModel, device: torch.device) -> Family:
-    """The `Family` of a *ForCausalLM model built on the meta device (its layers are found there,
-    its rotary embedding is rebuilt on `device` because meta buffers hold no values)."""
+def family_for(model: PreTrainedModel) -> Family:
+    """The `Family` of a *ForCausalLM model built on the meta device, or ValueError saying why
+    petald cannot serve its blocks."""
     config = model.config
     name = f"{type(model).__name__} (model_type {config.model_type!r})"
+
+    def refuse(why: str) -> Unsupported:
+        return Unsupported(f"unsupported architecture {name}: {why}")
+
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"unsupported architecture {name}: petald serves decoder-only models")
-    base = model.base_model
-    path, layers = "", None
-    for attr in LAYER_ATTRS:
+        raise refuse("petald serves decoder-only models")
+    path = find_layers(model)
+    if path is None:
+        raise refuse("no list of decoder layers where decoder-only models keep them")
+    owner_path = path.rpartition(".")[0]
+    if not owner_path:
+        raise refuse("the causal LM has no base model whose forward runs the layers")
+    kinds = tuple(cache_layer_types(config))
+    if shares_kv_across_layers(config):
+        raise refuse("layers share one KV cache across layers (a block is not self-contained)")
+    if not set(kinds) <= SERVED_CACHE_KINDS:
+        unserved = sorted(set(kinds) - SERVED_CACHE_KINDS)
+        raise refuse(f"layer kinds {unserved} keep state that is not a per-token KV cache")
+    owner = model.get_submodule(owner_path)
+    cache_arg = base_forward_cache_arg(owner)
+    if cache_arg is None:
+        raise refuse(f"{type(owner).__name__}.forward takes no KV cache")
+    return Family(name, config, model, path, owner_path, kinds, cache_arg)
+
+
+def find_layers(model: nn.Module) -> str | None:
+    """The dotted path of a model's list of decoder layers, or None."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == n
+        and name.rpartition(".")[2] in LAYER_NAMES
+    ]
+    return min(found, key=lambda name: name.count("."), default=None)
+
+
+class _Done(Exception):  # control flow, not an error
+    """Raised by the last in-range layer: the forward stops there (no final norm)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
+@dataclass
+class _Call:
+    """One call's state, read by the proxies. `start`/`end`: model block indices."""
+
+    start: int
+    end: int
+    incoming: torch.Tensor
+    prompts: torch.Tensor | None
+    position: int
+    outputs: list[torch.Tensor] | None
+    probe: bool = False
+    last: torch.Tensor | None = None
+    leaks: list[str] = field(default_factory=list)
+
+
+class _Proxy(nn.Module):
+    """Stands for model layer `index` in the base model's layer list; attributes the forward
+    reads from its layers (`attention_type`, ...) come from the layer it stands for."""
+
+    def __init__(self, runner: Runner, index: int, layer: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_runner", runner)  # not submodules: the span owns its layers
+        object.__setattr__(self, "_layer", layer)
+        self._index = index
+
+    def __getattr__(self, name: str) -> Any:
         try:
-            found = base.get_submodule(attr)
+            return super().__getattr__(name)
         except AttributeError:
-            continue
-        if isinstance(found, nn.ModuleList) and len(found) == config.num_hidden_layers:
-            prefix = model.base_model_prefix if base is not model else ""
-            path, layers = (f"{prefix}.{attr}" if prefix else attr), found
-            break
-    if layers is None:
-        raise ValueError(f"unsupported architecture {name}: no decoder layers in a known place")
-    layer_types = _layer_types(config)
-    if not set(layer_types) <= SUPPORTED_LAYER_TYPES:
-        kinds = sorted(set(layer_types) - SUPPORTED_LAYER_TYPES)
-        raise ValueError(f"unsupported architecture {name}: layer types {kinds}")
-    rotary = getattr(base, "rotary_emb", None)  # on meta: only its class is of use
-    style: Style
-    if config.model_type == "bloom":
-        style = "bloom"
-    elif config.model_type == "falcon":
-        style = "falcon"
-    elif rotary is not None and _takes_position_embeddings(layers[0]):
-        style = "rotary"
-    else:
-        raise ValueError(
-            f"unsupported architecture {name}: petald runs blocks that take rotary position "
-            "embeddings (Llama, Mistral, Mixtral, Qwen2, Qwen3 and alike), Falcon and BLOOM"
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._runner.layer_call(self._index, args, kwargs)
+
+
+class _Outside(nn.Module):
+    """A module of the base model outside the blocks (embedding, final norm, ...), left on
+    meta. Called, it returns NaN: an Embedding a scalar (its output is added to the hidden
+    state), anything else the shape of its input (its last dimension `out_features` if it has
+    them)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        object.__setattr__(self, "_module", module)
+        self._dtype = dtype
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_module"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        device = first.device if first is not None else torch.device("cpu")
+        if isinstance(self._module, nn.Embedding) or first is None:
+            return torch.full((), float("nan"), dtype=self._dtype, device=device)
+        out = getattr(self._module, "out_features", first.shape[-1])
+        return torch.full((*first.shape[:-1], out), float("nan"), dtype=self._dtype, device=device)
+
+
+class Runner:
+    """Runs model blocks [start, end) of a span (`layers`: the span's real layers, the first
+    one being model block `first`) through the family's base forward. It takes over the meta
+    model of `family`: its layer list becomes proxies, the modules outside the layers `_Outside`
+    stubs, and its non-persistent buffers (rotary frequencies, ...) are rebuilt on `device`."""
+
+    def __init__(
+        self,
+        family: Family,
+        layers: list[nn.Module],
+        first: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.family = family
+        self.first = first
+        self.layers = layers
+        self.returns_tuple = False  # learned from the real layers: do they return (hidden, ...)?
+        self._call: _Call | None = None
+        base = family.model.get_submodule(family.owner_path)
+        attr = family.layers_path.removeprefix(f"{family.owner_path}.")
+        meta_layers = base.get_submodule(attr)
+        end = first + len(layers)
+        proxies = [
+            _Proxy(self, i, layers[i - first] if first <= i < end else layer)
+            for i, layer in enumerate(meta_layers)
+        ]
+        _set_submodule(base, attr, nn.ModuleList(proxies))
+        for name, module in _outside_modules(base):
+            _set_submodule(base, name, _Outside(module, dtype))
+        rebuild_non_persistent_buffers(family.model, device)
+        self.base = base
+
+    def run(
+        self,
+        hidden: torch.Tensor,  # (batch, seq, hidden)
+        start: int,
+        end: int,
+        *,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Any,  # a cache view with one layer per model block, or None
+        prompts: torch.Tensor | None = None,
+        position: int = 0,
+        outputs: list[torch.Tensor] | None = None,
+        probe: bool = False,
+    ) -> torch.Tensor:
+        """The output of model blocks [start, end) for `hidden`, the input of block `start`.
+        `probe`: the forward gets NaN embeddings, and any NaN reaching a layer's other inputs
+        raises Unsupported (they would be computed from outside the blocks)."""
+        call = _Call(start, end, hidden, prompts, position, outputs, probe)
+        self._call = call
+        kwargs = {
+            "inputs_embeds": torch.full_like(hidden, float("nan")) if probe else hidden,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": cache is not None,
+            self.family.cache_arg: cache,
+        }
+        try:
+            self.base(**kwargs)
+        except _Done as done:
+            return done.hidden
+        finally:
+            self._call = None
+        raise Unsupported(
+            f"unsupported architecture {self.family.name}: its forward returned without "
+            f"running block {end - 1}"
         )
-    cache_arg = layer_cache_arg(layers[0])
-    if rotary is not None and style != "bloom":
-        rotary = type(rotary)(config=config).to(device)
-    return Family(style, config, path, layer_types, rotary, cache_arg)
+
+    def layer_call(self, index: int, args: tuple, kwargs: dict[str, Any]) -> Any:
+        call = self._call
+        if call is None:
+            raise RuntimeError("a petald proxy layer was called outside Runner.run")
+        if "hidden_states" in kwargs:
+            handed = kwargs.pop("hidden_states")
+        else:
+            handed, args = args[0], args[1:]
+        if index < call.start:  # not run in this call: its input passes through
+            return (handed,) if self.returns_tuple else handed
+        if index >= call.end:
+            raise RuntimeError(f"block {index} called after the last one of the call")
+        if index == call.start:
+            hidden = call.incoming
+        elif handed is call.last:
+            hidden = handed
+        else:
+            raise Unsupported(
+                f"unsupported architecture {self.family.name}: its forward changes the hidden "
+                "state between layers, or carries more than it from layer to layer"
+            )
+        if call.probe:
+            _check_no_nan(self.family.name, index, args, kwargs)
+        if call.prompts is not None:
+            hidden = add_prompt(hidden, call.prompts[index - call.start], call.position)
+        out = self.layers[index - self.first](hidden, *args, **kwargs)
+        self.returns_tuple = isinstance(out, tuple)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if call.outputs is not None:
+            call.outputs.append(hidden)
+        if index == call.end - 1:
+            raise _Done(hidden)
+        call.last = hidden
+        return out
 
 
-def _takes_position_embeddings(layer: nn.Module) -> bool:
-    """Rotary families compute cos/sin once in the model (its `rotary_emb`) and hand them to
-    every layer, whose attention applies them: a layer that takes `position_embeddings` is of
-    that kind (GPT-NeoX-style layers rotate inside instead)."""
-    params = inspect.signature(type(layer).forward).parameters
-    return "position_embeddings" in params
+def _check_no_nan(name: str, index: int, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Probe calls feed NaN embeddings and NaN from every module outside the blocks: a layer
+    input holding NaN was computed from them, which the span does not have."""
+    found = [k for k, v in (*enumerate(args), *kwargs.items()) if _has_nan(v)]
+    if found:
+        raise Unsupported(
+            f"unsupported architecture {name}: its forward passes block {index} inputs "
+            f"{found} computed from the embeddings or other weights outside the blocks"
+        )
 
 
-def _layer_types(config: PretrainedConfig) -> tuple[str, ...]:
-    """Attention kind of each layer, as the model's forward picks its mask: `layer_types` when the
-    config has it (Qwen2/3), else sliding everywhere when a window is set (Mistral)."""
-    types = getattr(config, "layer_types", None)
-    if types:
-        return tuple(types)
-    sliding = getattr(config, "sliding_window", None) is not None
-    return ("sliding_attention" if sliding else "full_attention",) * config.num_hidden_layers
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and bool(torch.isnan(value).any())
+    if isinstance(value, tuple | list):
+        return any(_has_nan(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nan(v) for v in value.values())
+    return False
+
+
+def _outside_modules(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The topmost modules of `base` outside its layer list that hold parameters (on meta),
+    looking inside plain containers; the module that runs the layers is `base` itself."""
+    found = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, _Proxy) or not any(True for _ in child.parameters()):
+                continue
+            if isinstance(child, nn.ModuleList | nn.ModuleDict | nn.Sequential):
+                walk(f"{path}.", child)
+            else:
+                found.append((path, child))
+
+    walk("", base)
+    return found
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    if isinstance(owner, nn.ModuleList | nn.Sequential):
+        owner[int(leaf)] = module
+    else:
+        setattr(owner, leaf, module)

@@ -18,7 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from petald.hf_internals import causal_lm_model_types, convert_block_tensors
+from petald.hf_internals import (
+    causal_lm_model_types,
+    convert_block_tensors,
+    rebuild_non_persistent_buffers,
+)
 from petald.server.blocks import Span
 from petald.server.checkpoint import (
     CONFIG_NAME,
@@ -34,7 +38,7 @@ from petald.server.checkpoint import (
     shard_map,
     tensors_by_block,
 )
-from petald.server.families import Family, family_for
+from petald.server.families import Family, Runner, family_for
 from petald.server.quant import QuantStats, check_quant, quantize, require_kernels
 from petald.types import BlockRange
 
@@ -77,7 +81,7 @@ def load_span(
     torch_device = torch.device(device)
     require_kernels(quant, torch_device, torch_dtype)  # before reading gigabytes of weights
     meta = _meta_model(config, torch_dtype)
-    family = family_for(meta, torch_device)
+    family = family_for(meta)
     pattern = block_key_pattern(family.layers_path, meta.base_model_prefix)
     stats = LoadStats()
     reader: _BlockReader
@@ -89,26 +93,27 @@ def load_span(
         reader = SafetensorsBlocks(directory or where.path, pattern, stats)
     convert = where.kind != "gguf"  # GGUF names are mapped straight to the model's own names
     layers = cast(nn.ModuleList, meta.get_submodule(family.layers_path))  # family_for checked
-    served = []
+    served = list(layers[start:end])  # still on meta: their weights are assigned in place
     quant_stats = QuantStats()
     try:
         bar = tqdm(range(start, end), desc=f"loading blocks {start}:{end}", disable=not progress)
         for i in bar:
             raw = reader.read_block(i)
             state = convert_block_tensors(meta, raw) if convert else raw
-            block = _materialize(layers[i], i, i - start, state, family, torch_dtype, torch_device)
+            block = _materialize(meta, i, state, family, torch_dtype, torch_device)
             if quant != "none":  # now, so that at most one block is ever held unquantized
                 quant_stats += quantize(block, quant)
-            served.append(block)
-            layers[i] = nn.Identity()  # the meta model keeps no reference to served weights
             bar.set_postfix(read=f"{stats.bytes_read / 2**20:.0f} MiB")
     finally:
         reader.close()
     if quant != "none":
         _log_quant(quant, start, end, quant_stats)
-    span_blocks = nn.ModuleList(served)
+    # The runner takes the meta model over: its layer list becomes proxies of the served layers.
+    runner = Runner(family, served, start, torch_dtype, torch_device)
     span_range = BlockRange(start, end)
-    return Span(family, span_range, span_blocks, torch_dtype, torch_device, stats, quant)
+    span = Span(runner, span_range, nn.ModuleList(served), torch_dtype, torch_device, stats, quant)
+    span.probe()  # refuses a family whose forward does not treat its layers as blocks
+    return span
 
 
 def _log_quant(quant: str, start: int, end: int, s: QuantStats) -> None:
@@ -168,6 +173,11 @@ def _config(where: Located, hub_dir: Path | None) -> PretrainedConfig:
             f"unsupported architecture: model_type {config.model_type!r} is not a causal LM "
             "that the installed transformers knows"
         )
+    if not isinstance(getattr(config, "num_hidden_layers", None), int):
+        raise ValueError(
+            f"unsupported architecture: a {config.model_type!r} config has no number of layers "
+            "(a model that wraps others: serve its text model)"
+        )
     return config
 
 
@@ -196,14 +206,17 @@ def _hub_patterns(directory: Path, pattern: Any, start: int, end: int) -> list[s
 
 
 def _materialize(
-    layer: nn.Module,
+    meta: PreTrainedModel,
     block: int,
-    cache_slot: int,
     weights: dict[str, torch.Tensor],
     family: Family,
     dtype: torch.dtype,
     device: torch.device,
 ) -> nn.Module:
+    layer = meta.get_submodule(f"{family.layers_path}.{block}")
+    # Buffers that no checkpoint holds (e.g. a rotary embedding inside attention) are computed
+    # by the family's own code, while the parameters are still on meta.
+    rebuild_non_persistent_buffers(meta, device, within=layer)
     prefix = f"{family.layers_path}.{block}."
     state = {
         k.removeprefix(prefix): v.to(device=device, dtype=dtype)
@@ -217,10 +230,6 @@ def _materialize(
     tensors = [*layer.named_parameters(), *layer.named_buffers()]
     if leftover := [name for name, t in tensors if t.is_meta]:
         raise ValueError(f"unsupported architecture: block {block} keeps unloaded state {leftover}")
-    # The cache of a span covers only the span, so each block's cache slot is its index in it.
-    for module in layer.modules():
-        if isinstance(getattr(module, "layer_idx", None), int):
-            setattr(module, "layer_idx", cache_slot)  # noqa: B010 (mypy: Module attributes)
     layer.eval()
     layer.requires_grad_(False)  # servers need input gradients, never weight gradients
     return layer
