@@ -141,7 +141,7 @@ def test_unsupported_architectures(tmp_path):
     # test_families_census.py goes through every family).
     config = MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=64, state_size=4)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mamba")
-    with pytest.raises(ValueError, match="unsupported architecture MambaForCausalLM.*KV cache"):
+    with pytest.raises(ValueError, match=r"unsupported architecture MambaForCausalLM.*KV cache"):
         load_span(tmp_path / "mamba", (0, 1), progress=False)
     t5 = AutoModel.from_config(T5Config(d_model=64, num_layers=2, num_heads=4, d_ff=64, d_kv=16))
     t5.save_pretrained(tmp_path / "t5")
