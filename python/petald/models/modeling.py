@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 
-from petald.client import RemoteSequential, SwarmClient
+from petald.client import RemoteSequential, SwarmClient, remote_forward
 from petald.hf_internals import (
     GENERATION_CACHE_NAME,
     RemoteCacheHooks,
@@ -315,6 +315,11 @@ class DistributedModelForCausalLM(
         wire_mask = None if mask is None else mask.to("cpu")
         wire_positions = None if positions is None else positions.to("cpu")
         blocks = self.transformer_blocks
+        if not every and torch.is_grad_enabled() and x.requires_grad:
+            # Something before the blocks trains (e.g. unfrozen embeddings): the servers'
+            # backward gives the gradient of the blocks' input.
+            out = remote_forward(blocks, x.to("cpu"), wire_mask, wire_positions)
+            return out.to(x.device, x.dtype), None
         if not every:
             out = blocks(x.to("cpu"), wire_mask, wire_positions)
             return out.to(x.device, x.dtype), None

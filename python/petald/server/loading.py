@@ -191,9 +191,11 @@ def _auto_dtype(config: PretrainedConfig, where: Located) -> torch.dtype:
 
 
 def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
-    # On the meta device a 70B model costs no memory; we only borrow its layer objects.
+    # On the meta device a 70B model costs no memory; we only borrow its layer objects. In eval
+    # mode: its base forward runs for every call (petald.server.families), and in training mode
+    # its dropouts would draw random numbers (GPT-2 drops out the embeddings it is handed).
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def _hub_patterns(directory: Path, pattern: Any, start: int, end: int) -> list[str]:
