@@ -29,6 +29,7 @@ from petald.errors import (
     WireError,
 )
 from petald.types import BlockRange
+from petald.wire import trace
 from petald.wire.messages import read_message, write_message
 from petald.wire.protocols import (
     BACKWARD_PROTOCOL,
@@ -128,13 +129,22 @@ async def exchange(
     timeout: float,
     codec: str = "none",
     ok: bool = True,
+    stamps: list[int] | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Writes one message and reads the answer; error replies raise `RemoteError`. Not
-    cancel-safe for the stream: after a timeout or cancellation it must be reset."""
+    cancel-safe for the stream: after a timeout or cancellation it must be reset. `stamps`
+    (petald.wire.trace): gets the times before and after the write, when the answer's header
+    was in, and when its tensors were decoded."""
     try:
         with trio.fail_after(timeout):
+            if stamps is not None:
+                stamps.append(trace.now())
             await write_message(stream, header, tensors, codec=codec)
-            reply, out = await read_message(stream)
+            if stamps is not None:
+                stamps.append(trace.now())
+            reply, out = await read_message(stream, stamps=stamps)
+            if stamps is not None:
+                stamps.append(trace.now())
     except trio.TooSlowError:
         raise PeerUnavailable(f"{peer}: no answer within {timeout:.1f} s", peer=peer) from None
     except WireError as e:  # garbage, or a stream that ended mid-message
@@ -287,20 +297,29 @@ class InferenceStream:
         applies to this step only. Any failure leaves the stream reset and closed."""
         if self.closed:
             raise PeerUnavailable(f"{self.peer}: session stream is closed", peer=self.peer)
+        stamps = [trace.now()] if trace.ENABLED else None
         tensors = [hidden]
         header = {"step": step_id, "position": position, **_extras(tensors, mask, positions)}
         header |= _tuned(tensors, tuning)
         if reorder is not None:
             header["reorder"] = reorder
+        if stamps is not None:
+            header["trace"] = True
         try:
             reply, out = await exchange(
-                self.stream, self.peer, header, tensors, timeout=self.timeout
+                self.stream, self.peer, header, tensors, timeout=self.timeout, stamps=stamps
             )
             want = position + hidden.shape[1]
             if reply.get("step") != step_id or reply.get("position") != want:
                 got = (reply.get("step"), reply.get("position"))
                 raise BadReply(self.peer, f"step/position {got}, expected {(step_id, want)}")
-            return _check_tensor(self.peer, out, hidden)
+            output = _check_tensor(self.peer, out, hidden)
+            if stamps is not None:
+                # c: entered, before write, after write, reply header in, decoded, checked.
+                stamps.append(trace.now())
+                record = {"kind": "hop", "peer": self.peer, "blocks": str(self.blocks)}
+                trace.RECORDS.append({**record, "c": stamps, **trace.server_stamps(reply)})
+            return output
         except RemoteError as e:
             if e.is_bad_input:  # the session is still good on the server
                 raise

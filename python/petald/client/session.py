@@ -25,6 +25,7 @@ from petald.client.runtime import SwarmClient
 from petald.client.tuning import Tuning, adapter_of
 from petald.errors import RoutingError, SessionClosed
 from petald.types import BlockRange
+from petald.wire import trace
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,17 @@ class InferenceSession:
         if self._position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{self._position} + {hidden.shape[1]} tokens exceed max_length")
         order = None if reorder is None else self._check_reorder(reorder)
-        return self.client.run(self._step, hidden.detach(), attention_mask, position_ids, order)
+        if not trace.ENABLED:
+            return self.client.run(self._step, hidden.detach(), attention_mask, position_ids, order)
+        # s: called (caller's thread), on the loop, done on the loop, returned (caller's thread).
+        stamps = [trace.now()]
+        out = self.client.run(
+            self._step, hidden.detach(), attention_mask, position_ids, order, stamps
+        )
+        trace.RECORDS.append(
+            {"kind": "step", "tokens": hidden.shape[1], "s": [*stamps, trace.now()]}
+        )
+        return out
 
     def _check_reorder(self, reorder: torch.Tensor | list[int]) -> list[int]:
         order = torch.as_tensor(reorder).tolist()
@@ -221,7 +232,10 @@ class InferenceSession:
         mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         order: list[int] | None = None,
+        stamps: list[int] | None = None,
     ) -> torch.Tensor:
+        if stamps is not None:
+            stamps.append(trace.now())
         pos, n = self._position, hidden.shape[1]
         identity = order is None or order == list(range(self.batch))
         if not identity and pos:
@@ -267,6 +281,8 @@ class InferenceSession:
         self._mask, self._positions = full_mask, full_positions
         self._position = pos + n
         self.stats.steps += 1
+        if stamps is not None:
+            stamps.append(trace.now())
         return x
 
     def _tuning_for(self, blocks: BlockRange, position: int) -> Tuning | None:

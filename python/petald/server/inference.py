@@ -37,6 +37,7 @@ from petald.server.handlers import (
     reset_stream,
 )
 from petald.server.memory import MAX_SESSIONS_PER_PEER, SESSION_IDLE_TIMEOUT, Busy
+from petald.wire import trace
 from petald.wire.messages import read_message, write_message
 from petald.wire.protocols import INFERENCE_PROTOCOL
 
@@ -154,8 +155,9 @@ class InferenceSessions:
         session = {**request, "sid": sid, "position": 0}
         last: tuple[Any, int, torch.Tensor] | None = None  # (step id, position, output)
         while True:
+            arrived: list[int] = []  # petald.wire.trace: when the header was in
             with trio.move_on_after(SESSION_IDLE_TIMEOUT) as idle:
-                header, tensors = await read_message(stream)
+                header, tensors = await read_message(stream, stamps=arrived)
             if idle.cancelled_caught or header.get("close"):
                 await stream.close()
                 return
@@ -165,16 +167,27 @@ class InferenceSessions:
                 done = {"ok": True, "step": step, "position": session["position"]}
                 await write_message(stream, done, [last[2]], codec=codec)
                 continue
+            stamps = [*arrived, trace.now()] if header.get("trace") is True else None
             try:
                 work = self._check_step(header, tensors, session)
             except BadRequest as e:
                 await self._reply_error(stream, e.code, str(e))
                 continue
+            if stamps is not None:
+                work["trace"] = True
+                stamps.append(trace.now())
             reply, out = await self.executor.call(work, tensors, priority=INFERENCE)
+            if stamps is not None:
+                stamps.append(trace.now())
             if "error" in reply:
                 await write_message(stream, reply)
                 continue
             session["position"] = reply["position"]
             last = (step, position, out[0])
             done = {"ok": True, "step": step, "position": session["position"]}
+            if stamps is not None:
+                # d: header in, decoded, checked, the compute process's answer decoded, before
+                # our write; w: the compute process's own (header in, decoded, computed, before
+                # its write).
+                done["trace"] = {"d": [*stamps, trace.now()], "w": reply.get("trace", [])}
             await write_message(stream, done, out, codec=codec)

@@ -42,6 +42,7 @@ from petald.server.adapters import LoRA, check_lora, from_named, load_peft_adapt
 from petald.server.blocks import Span, SpanCache
 from petald.server.loading import load_span
 from petald.types import BlockRange
+from petald.wire import trace
 from petald.wire.messages import read_message, write_message
 from petald.wire.streams import TrioByteStream
 
@@ -282,16 +283,23 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
     compute = Compute(span, adapters)
     await write_message(stream, {"ok": True, "baseline_rss": baseline, **compute.describe()})
     while True:
+        arrived: list[int] = []  # petald.wire.trace: when the header was in
         try:
-            header, tensors = await read_message(stream)
+            header, tensors = await read_message(stream, stamps=arrived)
         except MessageError:  # the daemon closed its end: we are done
             return
-        reply, out = compute.handle(header, tensors)
+        if header.get("trace") is True:
+            arrived.append(trace.now())
+            reply, out = compute.handle(header, tensors)
+            reply["trace"] = [*arrived, trace.now()]
+        else:
+            reply, out = compute.handle(header, tensors)
         # Memory rides on every reply (a /proc read), so `info` shows it without a request
         # that would queue behind a long prefill.
-        await write_message(
-            stream, {**reply, "rss": rss_bytes(), "peak_rss": peak_rss_bytes()}, out
-        )
+        reply = {**reply, "rss": rss_bytes(), "peak_rss": peak_rss_bytes()}
+        if "trace" in reply:
+            reply["trace"].append(trace.now())
+        await write_message(stream, reply, out)
 
 
 def main(argv: list[str]) -> int:

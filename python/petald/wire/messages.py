@@ -7,6 +7,7 @@ Entry points: `write_message(stream, header, tensors, codec=...)`, `read_message
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -93,9 +94,11 @@ async def read_message(
     stream: Stream,
     *,
     max_tensor_bytes: int = _native.DEFAULT_MAX_TENSOR_BYTES,
+    stamps: list[int] | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Reads one message; raises `MessageError` (or `FrameError`/`CodecError`) for anything
-    malformed or over the limits, before allocating for it."""
+    malformed or over the limits, before allocating for it. `stamps` (petald.wire.trace) gets
+    the time at which the header was in."""
     reader = _Reader(stream)
     size = await reader.varint(MAX_HEADER_BYTES, "header")
     try:
@@ -106,6 +109,8 @@ async def read_message(
         raise MessageError(f"message header is not CBOR: {e}") from None
     if not isinstance(header, dict) or not all(isinstance(k, str) for k in header):
         raise MessageError("message header must be a CBOR map with string keys")
+    if stamps is not None:
+        stamps.append(time.monotonic_ns())
     count = header.get("tensors", 0)
     if type(count) is not int or not 0 <= count <= MAX_TENSORS:
         raise MessageError(f"a message carries 0 to {MAX_TENSORS} tensors")
