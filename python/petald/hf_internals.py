@@ -5,11 +5,11 @@ one, and tests/unit/test_layering.py checks that no other module reaches into tr
 submodules. When a transformers upgrade breaks petald, it breaks here first (`just test-latest`).
 
 Uses, by who needs them:
-- Server blocks (`petald.server.families`, `.blocks`): the mask builders the model's own forward
-  calls before its layer loop (`create_causal_mask`, `create_sliding_window_causal_mask`; their
-  cache argument was renamed `past_key_values` -> `cache` in 5.24), BLOOM's and Falcon's ALiBi
-  helpers, the KV-cache argument of each decoder layer (also renamed in 5.24) and a
-  `DynamicCache` made of one `DynamicLayer` per served block.
+- Server blocks (`petald.server.families`, `.blocks`): the cache kind of each layer as
+  `DynamicCache(config=...)` would build it, whether layers share KV caches, the cache keyword
+  of a base model's forward (renamed `past_key_values` -> `cache` in 5.24), a `DynamicCache`
+  made of one full-history `DynamicLayer` per served block and a view of it with one layer per
+  model block, and the values of non-persistent buffers (the model's own `_init_weights`).
 - Server loading (`petald.server.loading`, `.checkpoint`): the causal-LM model-type table,
   transformers' checkpoint conversion rules (renamings and converters that `from_pretrained`
   applies: Mixtral's per-expert weights fused into one tensor, ...), and the GGUF name maps and
@@ -37,8 +37,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -57,16 +56,6 @@ def _cache_param(fn: Callable[..., Any], names: tuple[str, ...] = CACHE_NAMES) -
 GENERATION_CACHE_NAME: str = (
     "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 )
-_MASK_CACHE_NAME = _cache_param(create_causal_mask) or "past_key_values"
-
-
-def layer_cache_arg(layer: nn.Module) -> str:
-    """The keyword under which a decoder layer takes its KV cache: `cache` (transformers >= 5.24),
-    `past_key_values` (before), `layer_past` (BLOOM, Falcon)."""
-    name = _cache_param(type(layer).forward, (*CACHE_NAMES, "layer_past"))
-    if name is None:
-        raise ValueError(f"{type(layer).__name__}.forward takes no KV cache argument")
-    return name
 
 
 def pop_cache(kwargs: dict[str, Any]) -> Any:
@@ -78,56 +67,6 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
     if len(given) > 1:
         raise ValueError("pass the cache as `cache` or `past_key_values`, not both")
     return next(iter(given.values()), None)
-
-
-# ---- masks and position biases the model's forward builds before its layers ------------------
-
-
-def causal_mask(
-    config: PretrainedConfig,
-    hidden: torch.Tensor,  # (batch, seq, hidden)
-    attention_mask: torch.Tensor | None,  # (batch, past + seq)
-    cache: Cache | None,
-    layer_idx: int,
-    *,
-    sliding: bool = False,
-    position_ids: torch.Tensor | None = None,
-    allow_is_causal_skip: bool = True,
-) -> Any:
-    """The mask the model's forward gives its full (or sliding-window) attention layers, sized
-    against cache layer `layer_idx` (a span's cache may cover other blocks than those run)."""
-    kwargs: dict[str, Any] = dict(
-        config=config,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        layer_idx=layer_idx,
-    )
-    kwargs[_MASK_CACHE_NAME] = cache
-    if sliding:
-        return create_sliding_window_causal_mask(**kwargs)
-    return create_causal_mask(**kwargs, allow_is_causal_skip=allow_is_causal_skip)
-
-
-def bloom_alibi_slopes(heads: int, device: torch.device) -> torch.Tensor:
-    """BLOOM's per-head ALiBi slopes, (heads,)."""
-    from transformers.models.bloom import modeling_bloom
-
-    return modeling_bloom._get_alibi_slopes(heads, device)
-
-
-def bloom_alibi(attention_mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """BLOOM's ALiBi bias for a (batch, kv) mask: (batch * heads, 1, kv)."""
-    from transformers.models.bloom import modeling_bloom
-
-    return modeling_bloom.build_alibi_tensor(attention_mask, heads, dtype=dtype)
-
-
-def falcon_alibi(attention_mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Falcon's ALiBi bias for a (batch, kv) mask: (batch * heads, 1, kv)."""
-    from transformers.models.falcon import modeling_falcon
-
-    return modeling_falcon.build_alibi_tensor(attention_mask, heads, dtype=dtype)
 
 
 # ---- the servers' KV cache --------------------------------------------------------------------
@@ -155,16 +94,6 @@ def reorder_layer(layer: Any, indices: torch.Tensor) -> None:
     """Beam search on one cache layer: sequence i becomes the former sequence indices[i]."""
     if layer.is_initialized:
         layer.reorder_cache(indices.to(layer.keys.device))
-
-
-def kv_length(cache: Cache, seq: int, layer_idx: int) -> int:
-    """Keys a mask for `seq` new tokens must cover at cache layer `layer_idx` (past + seq)."""
-    return cache.get_mask_sizes(seq, layer_idx)[0]
-
-
-def cached_length(cache: Cache, layer_idx: int) -> int:
-    """Tokens cache layer `layer_idx` holds."""
-    return cache.layers[layer_idx].get_seq_length()
 
 
 def cache_layer_types(config: PretrainedConfig) -> list[str]:
@@ -423,22 +352,15 @@ __all__ = [
     "GENERATION_CACHE_NAME",
     "RemoteCacheHooks",
     "base_forward_cache_arg",
-    "bloom_alibi",
-    "bloom_alibi_slopes",
     "cache_layer_types",
     "cache_view",
-    "cached_length",
     "causal_lm_model_types",
     "causal_lm_output",
-    "causal_mask",
     "convert_block_tensors",
     "crop_layer",
-    "falcon_alibi",
     "gguf_names",
     "gguf_processor",
     "import_lazy_modules",
-    "kv_length",
-    "layer_cache_arg",
     "pop_cache",
     "rebuild_non_persistent_buffers",
     "reorder_layer",

@@ -11,16 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    BloomConfig,
     DynamicCache,
-    FalconConfig,
     GenerationMixin,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MixtralConfig,
     MixtralForCausalLM,
-    PretrainedConfig,
 )
 
 from petald import hf_internals as hf
@@ -100,31 +97,6 @@ def test_generation_cache_name_is_what_the_model_returns() -> None:
     assert got[hf.GENERATION_CACHE_NAME] == "c"
 
 
-def test_layer_cache_arg_is_the_one_the_layer_fills() -> None:
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
-    layer = model.model.layers[0]
-    name = hf.layer_cache_arg(layer)
-    assert name in hf.CACHE_NAMES
-    kv = hf.span_cache(2)
-    hidden = torch.randn(1, 3, 32)
-    positions = torch.arange(3)[None]
-    cos_sin = model.model.rotary_emb(hidden, positions)
-    with torch.no_grad():
-        layer(hidden, position_embeddings=cos_sin, use_cache=True, **{name: kv})
-    assert hf.cached_length(kv, 0) == 3 and hf.cached_length(kv, 1) == 0
-
-
-@pytest.mark.parametrize(
-    "config", [BloomConfig(hidden_size=32, n_layer=1, n_head=4), FalconConfig(**LLAMA)]
-)
-def test_alibi_families_take_layer_past(config: PretrainedConfig) -> None:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    assert hf.layer_cache_arg(model.base_model.h[0]) == "layer_past"
-
-
 def test_pop_cache_takes_either_spelling_not_both() -> None:
     for name in hf.CACHE_NAMES:
         kwargs = {name: "c", "other": 1}
@@ -134,41 +106,33 @@ def test_pop_cache_takes_either_spelling_not_both() -> None:
         hf.pop_cache({"cache": "a", "past_key_values": "b"})
 
 
-# ---- masks and biases --------------------------------------------------------------------------
+# ---- the servers' blocks ----------------------------------------------------------------------
 
 
-def _allowed(mask: torch.Tensor) -> torch.Tensor:
-    """(q, kv) bool: where attention is allowed."""
-    mask = mask[0, 0]
-    return mask if mask.dtype == torch.bool else mask == 0
+def test_cache_layer_types_and_kv_sharing() -> None:
+    from transformers import Gemma3nTextConfig, MambaConfig, Qwen3NextConfig
+
+    assert hf.cache_layer_types(LlamaConfig(**LLAMA)) == ["full_attention"] * 2
+    mistral = MistralConfig(**LLAMA, sliding_window=4)
+    assert hf.cache_layer_types(mistral) == ["sliding_attention"] * 2
+    assert "linear_attention" in hf.cache_layer_types(Qwen3NextConfig(num_hidden_layers=4))
+    assert set(hf.cache_layer_types(MambaConfig(num_hidden_layers=2))) - {"full_attention"}
+    assert not hf.shares_kv_across_layers(LlamaConfig(**LLAMA))
+    assert hf.shares_kv_across_layers(
+        Gemma3nTextConfig(num_hidden_layers=4, num_kv_shared_layers=2)
+    )
 
 
-def test_causal_mask_blocks_the_future_and_padding() -> None:
-    config = LlamaConfig(**LLAMA, attn_implementation="eager")  # a materialized mask
-    hidden = torch.zeros(1, 4, 32)
-    mask = hf.causal_mask(config, hidden, torch.tensor([[0, 1, 1, 1]]), None, 0)
-    want = torch.ones(4, 4, dtype=torch.bool).tril()
-    want[:, 0] = False
-    assert torch.equal(_allowed(mask), want)
-
-
-def test_sliding_mask_keeps_the_window() -> None:
-    config = MistralConfig(**LLAMA, sliding_window=2, attn_implementation="eager")
-    hidden = torch.zeros(1, 4, 32)
-    mask = hf.causal_mask(config, hidden, torch.ones(1, 4, dtype=torch.long), None, 0, sliding=True)
-    want = torch.ones(4, 4, dtype=torch.bool).tril() & ~torch.ones(4, 4, dtype=torch.bool).tril(-2)
-    assert torch.equal(_allowed(mask), want)
-
-
-def test_masks_and_lengths_follow_the_cache_layer() -> None:
-    config = LlamaConfig(**LLAMA, attn_implementation="eager")
-    kv = hf.span_cache(2)
-    keys = torch.randn(2, 2, 3, 8)  # (batch, kv heads, seq, head dim)
-    kv.update(keys, keys.clone(), 1)  # only the second block holds 3 tokens
-    assert hf.kv_length(kv, 2, 1) == 5 and hf.kv_length(kv, 2, 0) == 2
-    mask = hf.causal_mask(config, torch.zeros(2, 2, 32), torch.ones(2, 5, dtype=torch.long), kv, 1)
-    assert _allowed(mask).shape == (2, 5)
-    assert torch.equal(_allowed(mask), torch.ones(2, 5, dtype=torch.bool).tril(3))
+def test_base_forward_cache_arg_and_cache_view() -> None:
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    name = hf.base_forward_cache_arg(model.model)
+    assert name in hf.CACHE_NAMES
+    kv = hf.span_cache(1)
+    view = hf.cache_view([kv.layers[0], kv.layers[0]])  # block 1's layer stands in for block 0
+    with torch.no_grad():
+        model.model(inputs_embeds=torch.randn(1, 3, 32), use_cache=True, **{name: view})
+    # Layer 1 wrote through the view into the one real layer (layer 0 too: both are one object).
+    assert kv.layers[0].get_seq_length() == 6 and view.get_seq_length() == 6
 
 
 def test_rollback_and_beam_reorder_of_a_cache_layer() -> None:
@@ -177,24 +141,13 @@ def test_rollback_and_beam_reorder_of_a_cache_layer() -> None:
     kv.update(keys, keys.clone(), 0)
     layer = kv.layers[0]
     hf.crop_layer(layer, 3)
-    assert hf.cached_length(kv, 0) == 3 and torch.equal(layer.keys, keys[:, :, :3])
+    assert layer.get_seq_length() == 3 and torch.equal(layer.keys, keys[:, :, :3])
     hf.crop_layer(layer, 4)  # longer than held: nothing to do
-    assert hf.cached_length(kv, 0) == 3
+    assert layer.get_seq_length() == 3
     hf.reorder_layer(layer, torch.tensor([1, 1]))
     assert torch.equal(layer.keys[0], keys[1, :, :3])
     with pytest.raises(TypeError):
         hf.crop_layer(object(), 0)
-
-
-def test_alibi_helpers() -> None:
-    slopes = hf.bloom_alibi_slopes(4, torch.device("cpu"))
-    assert slopes.shape == (4,) and bool((slopes > 0).all())
-    alibi = hf.bloom_alibi(torch.ones(1, 5, dtype=torch.long), 4, torch.float32)
-    assert alibi.shape == (4, 1, 5)
-    # With no padding, BLOOM's bias is the slopes times the key positions (petald's fast path).
-    assert torch.allclose(alibi, slopes[:, None, None] * torch.arange(5))
-    falcon = hf.falcon_alibi(torch.ones(2, 3, dtype=torch.long), 4, torch.float32)
-    assert falcon.shape == (8, 1, 3)
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -220,7 +173,6 @@ def test_rebuild_non_persistent_buffers_gives_from_pretrained_values() -> None:
         assert torch.equal(embed.weight, weight)
         assert not hasattr(embed.weight, "_is_hf_initialized")
         assert model.model.layers[0].self_attn.q_proj.weight.is_meta  # parameters stay on meta
-
 
 
 def test_causal_lm_model_types() -> None:

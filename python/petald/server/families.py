@@ -150,6 +150,21 @@ class _Proxy(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._runner.layer_call(self._index, args, kwargs)
 
+    # Straight to forward: nn.Module's call machinery (hooks) costs microseconds per proxy,
+    # and a forward calls every proxy of the model, however few blocks a span serves.
+    __call__ = forward
+
+
+class _Proxies(nn.ModuleList):
+    """The proxies as the model's layer list. Forwards loop over `self.layers[:n]`: a slice is a
+    plain list here (nn.ModuleList would build a new ModuleList, registering each module, on
+    every call)."""
+
+    def __getitem__(self, idx: Any) -> Any:
+        if isinstance(idx, slice):
+            return list(self._modules.values())[idx]
+        return super().__getitem__(idx)
+
 
 class _Outside(nn.Module):
     """A module of the base model outside the blocks (embedding, final norm, ...), left on
@@ -204,7 +219,7 @@ class Runner:
             _Proxy(self, i, layers[i - first] if first <= i < end else layer)
             for i, layer in enumerate(meta_layers)
         ]
-        _set_submodule(base, attr, nn.ModuleList(proxies))
+        _set_submodule(base, attr, _Proxies(proxies))
         for name, module in _outside_modules(base):
             _set_submodule(base, name, _Outside(module, dtype))
         rebuild_non_persistent_buffers(family.model, device)
