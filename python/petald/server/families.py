@@ -243,9 +243,11 @@ class Runner:
         `probe`: the forward gets NaN embeddings, and any NaN reaching a layer's other inputs
         raises Unsupported (they would be computed from outside the blocks)."""
         call = _Call(start, end, hidden, prompts, position, outputs, probe)
+        nan = float("nan")
         self._call = call
         kwargs = {
-            "inputs_embeds": torch.full_like(hidden, float("nan")) if probe else hidden,
+            # Not `hidden` itself: forwards may scale their embeddings in place (CTRL).
+            "inputs_embeds": torch.full_like(hidden, nan) if probe else torch.empty_like(hidden),
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "use_cache": cache is not None,
