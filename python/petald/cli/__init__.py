@@ -16,6 +16,7 @@ from petald.cli.demo import add_arguments as add_demo_arguments
 from petald.cli.serve import add_arguments as add_serve_arguments
 from petald.cli.systemd import add_arguments as add_systemd_arguments
 from petald.errors import PetaldError
+from petald.server.openmp import with_openmp_defaults
 
 if TYPE_CHECKING:  # importing py-libp2p costs ~2 s; `petald --help` should not pay it
     from petald.p2p.config import P2PConfig
@@ -181,9 +182,9 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads: idle OpenMP threads sleep instead of spinning, which on shared cores
-    # slows every other process of a local swarm (see petald.server.executor.worker_env).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch loads (libgomp reads them when it loads): petald's OpenMP settings, for this
+    # process and the children it starts; why these: petald.server.openmp.
+    os.environ.update(with_openmp_defaults(os.environ))
     args = _parser().parse_args(argv)
     try:
         if args.command == "core-demo":

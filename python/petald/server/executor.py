@@ -23,6 +23,7 @@ import torch
 import trio
 
 from petald.errors import PetaldError
+from petald.server.openmp import with_openmp_defaults
 from petald.wire.messages import read_message, write_message
 from petald.wire.streams import TrioByteStream
 
@@ -32,12 +33,10 @@ INFERENCE, TRAINING = 0, 1  # priorities: lower is served first
 
 
 def worker_env() -> dict[str, str]:
-    """The compute process's environment: OpenMP threads sleep when idle instead of spinning.
-    Spinning (the default) steals the cores from the next process of a pipeline sharing them —
-    measured on 2 cores with two servers of SmolLM2 and a client: a one-token step through both
-    took 448 ms p50 with spinning threads, 68 ms with OMP_WAIT_POLICY=PASSIVE. A user's own
-    setting wins."""
-    return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    """The compute process's environment: petald's OpenMP settings (petald.server.openmp; the
+    daemon has them already when `petald serve` started it, an embedding program may not),
+    unless the user set their own."""
+    return with_openmp_defaults(os.environ)
 
 
 class WorkerFailed(PetaldError):
