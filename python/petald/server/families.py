@@ -19,6 +19,7 @@ up if the forward feeds it to a layer (checked when a span is loaded, `Runner.pr
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,12 +85,20 @@ def family_for(model: PreTrainedModel) -> Family:
     if not owner_path:
         raise refuse("the causal LM has no base model whose forward runs the layers")
     kinds = tuple(cache_layer_types(config))
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "hidden_size_per_layer_input", 0) or getattr(text, "altup_num_inputs", 0):
+        raise refuse(
+            "its layers take per-layer inputs computed from the token ids, or several hidden "
+            "streams (Gemma 3n/4 per-layer embeddings, AltUp): a block is not self-contained"
+        )
     if shares_kv_across_layers(config):
         raise refuse("layers share one KV cache across layers (a block is not self-contained)")
     if not set(kinds) <= SERVED_CACHE_KINDS:
         unserved = sorted(set(kinds) - SERVED_CACHE_KINDS)
         raise refuse(f"layer kinds {unserved} keep state that is not a per-token KV cache")
     owner = model.get_submodule(owner_path)
+    if "inputs_embeds" not in inspect.signature(type(owner).forward).parameters:
+        raise refuse(f"{type(owner).__name__}, which runs its layers, takes no inputs_embeds")
     cache_arg = base_forward_cache_arg(owner)
     if cache_arg is None:
         raise refuse(f"{type(owner).__name__}.forward takes no KV cache")
