@@ -19,7 +19,7 @@ import inspect
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 import torch
@@ -38,8 +38,8 @@ class _Call:
     block_input: torch.Tensor | None = None
     outputs: torch.Tensor | None = None  # (blocks, batch, seq, hidden) with `every`
     last: torch.Tensor | None = None
+    handed: torch.Tensor | None = None  # what the last proxy returned
     calls: int = 0
-    final_hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 class RemoteLayers:
@@ -90,10 +90,18 @@ class RemoteLayers:
         if index == 0:
             call.block_input = hidden
             call.last, call.outputs = call.run(hidden)
-            return call.outputs[0] if call.outputs is not None else call.last
+            call.handed = call.outputs[0] if call.outputs is not None else call.last
+            return call.handed
+        if hidden is not call.handed:
+            # The loop changed what a layer returned before handing it to the next (or took
+            # a tuple apart differently): the blocks, run in one pass, would not see that.
+            raise ValueError(
+                "unsupported architecture: the model's forward changes the hidden state "
+                "between its decoder layers"
+            )
         if call.outputs is not None:
-            return call.outputs[index]
-        return hidden  # the first proxy already returned the last block's output
+            call.handed = call.outputs[index]
+        return call.handed  # without `every`, the first proxy returned the last block's output
 
 
 class LayerProxy(nn.Module):
