@@ -98,13 +98,31 @@ def tiny_config(model_type: str) -> PretrainedConfig:
 
 
 def build(model_type: str, seed: int = 0) -> PreTrainedModel:
-    config = tiny_config(model_type)
-    with torch.device("meta"):  # first count: a family's defaults may still make it large
-        size = AutoModelForCausalLM.from_config(config).num_parameters()
-    if size > MAX_PARAMETERS:
-        raise ValueError(f"the tiny recipe gives {size / 1e6:.0f}M parameters")
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
+
+
+def screen(model_type: str, workdir: Path) -> Outcome | None:
+    """What is known from the config alone: a recipe that gives no tiny model, or a family that
+    `load_span` refuses before reading any tensor (then only config.json is saved and no random
+    model built: some take seconds)."""
+    from petald.server.families import family_for
+
+    config = tiny_config(model_type)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    if (size := meta.num_parameters()) > MAX_PARAMETERS:
+        return Outcome("unbuildable", f"the tiny recipe gives {size / 1e6:.0f}M parameters")
+    try:
+        family_for(meta)
+        return None
+    except ValueError:
+        config.save_pretrained(workdir)
+    try:
+        load_span(workdir, (0, LAYERS), progress=False)
+    except ValueError as e:
+        return Outcome("refused", _one_line(e).removeprefix("unsupported architecture "))
+    raise AssertionError(f"{model_type}: load_span served a family that family_for refuses")
 
 
 def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +169,8 @@ def check(model_type: str, workdir: Path) -> Outcome:
     """Builds, saves and serves one family; raises AssertionError if a span is served wrong."""
     ids, mask = batch()
     try:
+        if known := screen(model_type, workdir):
+            return known
         model = build(model_type)
         model.save_pretrained(workdir)
     except Exception as e:  # what the generic recipe cannot build
@@ -210,6 +230,7 @@ def main() -> None:
     import tempfile
 
     transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)  # tiny tensors
     outcomes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model_type in sys.argv[1:] or model_types():

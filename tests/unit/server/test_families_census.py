@@ -8,6 +8,7 @@ exception fails. The README's "Model support" table is this census:
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from petald.testing import census
@@ -23,10 +24,14 @@ MUST_REFUSE = {"mamba": "KV cache", "falcon_h1": "KV cache", "bert": "decoder la
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _quiet():
+def _quiet_and_one_thread():
+    # Tiny tensors: a second OpenMP thread only adds synchronisation (3x slower on 2 busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     yield
     transformers.logging.set_verbosity_warning()
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("model_type", census.model_types())
