@@ -20,6 +20,7 @@ up if the forward feeds it to a layer (checked when a span is loaded, `Runner.pr
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +220,8 @@ class Runner:
         self.first = first
         self.layers = layers
         self.returns_tuple = False  # learned from the real layers: do they return (hidden, ...)?
-        self._call: _Call | None = None
+        self._call: _Call | None = None  # the proxies read the running call's state here,
+        self._lock = threading.Lock()  # so a span runs one call at a time
         base = family.model.get_submodule(family.owner_path)
         attr = family.layers_path.removeprefix(f"{family.owner_path}.")
         meta_layers = base.get_submodule(attr)
@@ -253,7 +255,6 @@ class Runner:
         raises Unsupported (they would be computed from outside the blocks)."""
         call = _Call(start, end, hidden, prompts, position, outputs, probe)
         nan = float("nan")
-        self._call = call
         kwargs = {
             # Not `hidden` itself: forwards may scale their embeddings in place (CTRL).
             "inputs_embeds": torch.full_like(hidden, nan) if probe else torch.empty_like(hidden),
@@ -262,12 +263,14 @@ class Runner:
             "use_cache": cache is not None,
             self.family.cache_arg: cache,
         }
-        try:
-            self.base(**kwargs)
-        except _Done as done:
-            return done.hidden
-        finally:
-            self._call = None
+        with self._lock:
+            self._call = call
+            try:
+                self.base(**kwargs)
+            except _Done as done:
+                return done.hidden
+            finally:
+                self._call = None
         raise Unsupported(
             f"unsupported architecture {self.family.name}: its forward returned without "
             f"running block {end - 1}"

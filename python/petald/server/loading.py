@@ -4,7 +4,9 @@ whole model on the meta device (no memory: this is how the family's own decoder 
 their layout are found), reads only the span's tensors from the checkpoint, runs them through
 transformers' own checkpoint conversions (e.g. Mixtral's per-expert weights fused into one tensor)
 and assigns them into the meta layers, which become real. Nothing outside the span — other
-layers, embeddings, the LM head — is ever read or allocated.
+layers, embeddings, the LM head — is ever read or allocated: the meta model is kept only to run
+the family's own forward around the served layers (`petald.server.families.Runner`), and a probe
+call refuses, at load, a family whose layers are not self-contained blocks.
 """
 
 from __future__ import annotations
