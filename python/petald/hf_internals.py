@@ -263,6 +263,24 @@ def rebuild_non_persistent_buffers(
 
 # ---- the client model -------------------------------------------------------------------------
 
+# The attention implementation a client model is set to: its layers are remote, so no attention
+# runs here, and since transformers has no mask function under this name, the family's forward
+# builds no causal masks either (masking_utils' early exit "for custom attention without
+# equivalent mask creation": ~1 ms per decode step otherwise, spent on masks no one reads).
+REMOTE_ATTENTION = "petald_remote"
+
+
+def _remote_attention(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("attention runs on the servers: a distributed model has no local layers")
+
+
+def use_remote_attention(model: PreTrainedModel) -> None:
+    """Sets `model` (and its sub-models) to attention that never runs locally."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(REMOTE_ATTENTION, _remote_attention)
+    model.set_attn_implementation(REMOTE_ATTENTION)
+
 
 def causal_lm_output(
     *,
@@ -368,4 +386,5 @@ __all__ = [
     "sequence_classifier_output",
     "shares_kv_across_layers",
     "span_cache",
+    "use_remote_attention",
 ]

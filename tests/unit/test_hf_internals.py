@@ -175,6 +175,22 @@ def test_rebuild_non_persistent_buffers_gives_from_pretrained_values() -> None:
         assert model.model.layers[0].self_attn.q_proj.weight.is_meta  # parameters stay on meta
 
 
+def test_remote_attention_builds_no_masks_and_runs_no_attention() -> None:
+    """The client's forward builds no masks for its (remote) layers, even with padding and
+    explicit positions, and a local attention call would fail loudly."""
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    hf.use_remote_attention(model)
+    seen: list[object] = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    ids = torch.tensor([[0, 0, 5, 6], [3, 4, 5, 6]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    with pytest.raises(RuntimeError, match="attention runs on the servers"):
+        model(ids, attention_mask=mask, position_ids=torch.tensor([[1, 1, 0, 1], [0, 1, 2, 3]]))
+    assert seen == [None]
+
+
 def test_causal_lm_model_types() -> None:
     types = hf.causal_lm_model_types()
     assert types["llama"] == "LlamaForCausalLM" and types["mixtral"] == "MixtralForCausalLM"

@@ -37,6 +37,7 @@ from petald.hf_internals import (
     RemoteCacheHooks,
     pop_cache,
     rebuild_non_persistent_buffers,
+    use_remote_attention,
 )
 from petald.models.cache import RemoteCache
 from petald.models.finetune import FineTuningMixin
@@ -130,6 +131,7 @@ class DistributedModelForCausalLM(
     def attach(self, transformer_blocks: RemoteSequential, layers_path: str) -> None:
         """Replaces the decoder layers at `layers_path` with proxies to `transformer_blocks`."""
         self.remote_layers = RemoteLayers.install(self, layers_path, self.base_model)
+        use_remote_attention(self)  # no masks are built for layers that are not here
         self.transformer_blocks = transformer_blocks
         self._sessions: list[RemoteCache] = []  # open inference_session()s, innermost last
         self._client: SwarmClient | None = None  # closed with the model when we started it
