@@ -279,7 +279,10 @@ def use_remote_attention(model: PreTrainedModel) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(REMOTE_ATTENTION, _remote_attention)
-    model.set_attn_implementation(REMOTE_ATTENTION)
+    try:
+        model.set_attn_implementation(REMOTE_ATTENTION)
+    except (ValueError, ImportError):  # a family that takes no attention backend: it keeps its
+        pass  # own (its masks are then built, unread; only slower)
 
 
 def causal_lm_output(
