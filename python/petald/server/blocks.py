@@ -218,7 +218,8 @@ class Span(nn.Module):
         outputs: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         first = sub.start - self.blocks.start
-        with applied(list(self.layers[first : first + len(sub)]), lora):
+        # Not self.layers[a:b]: slicing a ModuleList builds a new one (microseconds per step).
+        with applied(list(self.layers)[first : first + len(sub)], lora):
             return self.runner.run(
                 hidden,
                 sub.start,
