@@ -9,6 +9,7 @@ model type; `python -m petald.testing.census` prints the README's "Model support
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +219,8 @@ def table(outcomes: dict[str, Outcome]) -> str:
     """The README's table: model type -> served / refused: reason."""
     rows = ["| model type | support |", "| --- | --- |"]
     for model_type, o in sorted(outcomes.items()):
-        cell = o.status if o.status == "served" else f"{o.status}: {o.reason}"
+        reason = re.sub(r"^\S+ \(model_type '[^']+'\): ", "", o.reason)  # the row says it
+        cell = o.status if o.status == "served" else f"{o.status}: {reason}"
         rows.append(f"| `{model_type}` | {cell.replace('|', '/')} |")
     counts = {s: sum(o.status == s for o in outcomes.values()) for s in ("served", "refused")}
     counts["unbuildable"] = len(outcomes) - counts["served"] - counts["refused"]
