@@ -60,8 +60,8 @@ SEQ2SEQ: dict[str, Any] = dict(
 # Fields some families need on top of (or instead of) the generic ones.
 SPECIAL: dict[str, dict[str, Any]] = {
     **dict.fromkeys(
-        ["deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minicpm3", "sarvam_mla", "longcat_flash",
-         "beam", "axk1", "axk2", "dots1", "youtu"],
+        ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3",
+         "sarvam_mla", "longcat_flash", "beam", "axk1", "axk2", "dots1", "youtu"],
         MLA,
     ),
     **dict.fromkeys(
@@ -75,7 +75,7 @@ SPECIAL: dict[str, dict[str, Any]] = {
     "gpt_neo": dict(attention_types=[[["global", "local"], LAYERS // 2]]),
     "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=0),
     "dbrx": dict(
-        d_model=64, n_heads=4, n_layers=LAYERS, attn_config=dict(kv_n_heads=2),
+        d_model=64, n_heads=4, n_layers=LAYERS, attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
         ffn_config=dict(ffn_hidden_size=96, moe_num_experts=4, moe_top_k=2),
     ),
 }  # fmt: skip
