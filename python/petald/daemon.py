@@ -20,6 +20,7 @@ from petald.p2p.dialback import DialBackService, determine_reachability
 from petald.p2p.echo import EchoService
 from petald.p2p.host import P2PHost
 from petald.p2p.identity import default_identity_path, load_or_create_identity
+from petald.server.startup import stamp
 from petald.stack import Stack, build_stack
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ async def run_daemon(
         EchoService(host.host).serve()
         await stack.start(nursery, before_join=[DialBackService(host.host).run])
         t2 = trio.current_time()
+        stamp("daemon.joined")
         log.info("joined and bootstrapped the DHT in %.2f s", t2 - t0)
         # Private: stop offering HOP, reserve on relays among our peers, advertise the circuit
         # addresses (ready line and identify) before we say we are ready.
@@ -103,9 +105,11 @@ async def run_daemon(
         log.info("reachability in %.2f s: %s", trio.current_time() - t2, reachability)
         if await relay.adopt(reachability.status):
             await host.push_addrs()
+        stamp("daemon.reachability")
         if on_started is not None:  # e.g. `petald serve`: register block RPCs, announce
             await on_started(stack, reachability.status, nursery)
         line = ready_line(host, reachability.status)
+        stamp("daemon.ready")
         if announce_ready is None:
             print(line, flush=True)
         else:

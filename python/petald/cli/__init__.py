@@ -17,6 +17,7 @@ from petald.cli.serve import add_arguments as add_serve_arguments
 from petald.cli.systemd import add_arguments as add_systemd_arguments
 from petald.errors import PetaldError
 from petald.server.openmp import with_openmp_defaults
+from petald.server.startup import stamp
 
 if TYPE_CHECKING:  # importing py-libp2p costs ~2 s; `petald --help` should not pay it
     from petald.p2p.config import P2PConfig
@@ -184,6 +185,7 @@ def setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads (libgomp reads them when it loads): petald's OpenMP settings, for this
     # process and the children it starts; why these: petald.server.openmp.
+    stamp("daemon.main")
     os.environ.update(with_openmp_defaults(os.environ))
     args = _parser().parse_args(argv)
     try:

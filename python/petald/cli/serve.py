@@ -117,8 +117,10 @@ def run(p2p, args: argparse.Namespace) -> int:
 
     from petald.daemon import main as daemon_main
     from petald.server.service import BlockServer
+    from petald.server.startup import stamp
     from petald.stack import Stack
 
+    stamp("daemon.imported")
     config = serve_config(args)
     server: list[BlockServer] = []
 

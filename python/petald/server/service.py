@@ -23,6 +23,7 @@ from petald.server.handlers import BlockHandlers, Limits
 from petald.server.inference import InferenceSessions
 from petald.server.memory import CacheBudget, default_budget
 from petald.server.placement import choose_span, should_move
+from petald.server.startup import stamp
 from petald.stack import Stack
 from petald.types import BlockRange, ServerInfo
 
@@ -112,7 +113,9 @@ class BlockServer:
         executor = Executor(spec)
         self._announce_joining(span)
         t0 = trio.current_time()
+        stamp("daemon.worker_spawn")
         worker = await nursery.start(executor.run)
+        stamp("daemon.worker_loaded")
         log.info(
             "loaded blocks %s in %.1f s: %.0f MiB of weights",
             span,
@@ -122,6 +125,7 @@ class BlockServer:
         budget = CacheBudget(c.cache_tokens or self._default_budget(worker))
         handlers = BlockHandlers(executor, c.model, budget, limits=Limits())
         handlers.throughput = await self._throughput(executor, worker)
+        stamp("daemon.throughput")
         sessions = InferenceSessions(handlers)
         host = self.stack.host.host
         handlers.register(host)
@@ -129,9 +133,11 @@ class BlockServer:
         handlers.state = "online"
         self.handlers = handlers
         online = self._announce(handlers, "online")
+        stamp("daemon.announced")
         with trio.move_on_after(30):  # the DHT put is what late joiners read
             assert self.stack.announcer is not None
             await self.stack.announcer.wait_published(online)
+        stamp("daemon.published")
         log.info("online: %s blocks %s, %.0f tokens/s", c.model, span, handlers.throughput)
 
     @staticmethod

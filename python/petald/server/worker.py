@@ -41,6 +41,7 @@ from petald.errors import MessageError
 from petald.server.adapters import LoRA, check_lora, from_named, load_peft_adapter, split_named
 from petald.server.blocks import Span, SpanCache
 from petald.server.loading import load_span
+from petald.server.startup import stamp
 from petald.types import BlockRange
 from petald.wire import trace
 from petald.wire.messages import read_message, write_message
@@ -280,6 +281,7 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
     except (OSError, ValueError, KeyError) as e:
         await write_message(stream, {"error": "AdapterError", "message": str(e)})
         return
+    stamp("worker.loaded")
     compute = Compute(span, adapters)
     await write_message(stream, {"ok": True, "baseline_rss": baseline, **compute.describe()})
     while True:
@@ -303,6 +305,7 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    stamp("worker.imported")
     _die_with_parent(int(argv[2]))
     # Below the daemon beside us: when both want the CPU, the network (DHT, gossip, `info`, the
     # next request) goes first; the compute loses little, as the daemon is mostly idle.
