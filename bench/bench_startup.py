@@ -17,6 +17,7 @@ median is over the cached runs, as a restarted server would start)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -49,10 +50,8 @@ def cpu_of(pid: int) -> float:
 def children_of(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
+        with contextlib.suppress(OSError):
             out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
     return out
 
 
@@ -138,8 +137,11 @@ async def bench(args: argparse.Namespace, tmp: Path) -> None:
     save_tiny_llama(tiny, layers=4)
     configs = {
         "tiny": ("tiny Llama 0:2, --throughput 100", [str(tiny), "--blocks", "0:2"], ["100"]),
-        "smollm2": ("SmolLM2-135M GGUF 0:15, --throughput auto (cached)",
-                    [str(smollm2_gguf()), "--blocks", "0:15"], ["auto"]),
+        "smollm2": (
+            "SmolLM2-135M GGUF 0:15, --throughput auto (cached)",
+            [str(smollm2_gguf()), "--blocks", "0:15"],
+            ["auto"],
+        ),
     }
     env = {**os.environ, "PETALD_STARTUP": "1", "PETALD_CACHE_DIR": str(tmp / "cache")}
     env["PYTHONUNBUFFERED"] = "1"

@@ -16,7 +16,6 @@ thread): the parent-death signal that covers a SIGKILLed parent fires when that 
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import signal
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petald.cli.children import Child, ChildFailed, stop_children
+from petald.server.model_config import num_blocks
 from petald.types import BlockRange
 
 DEFAULT_SERVERS = 2
@@ -151,7 +151,7 @@ class LocalSwarm:
             log=logs / "node.log",
         )
         self.children.append(node)
-        self.spans = split_blocks(_num_blocks(c.model), c.servers)
+        self.spans = split_blocks(num_blocks(c.model), c.servers)
         node.wait_ready(NODE_READY_TIMEOUT)
         self.initial_peers = [node.addr]
         for i, span in enumerate(self.spans):
@@ -208,34 +208,6 @@ class LocalSwarm:
     def _say(self, text: str) -> None:
         if not self.config.quiet:
             print(f"petald: {text}", file=sys.stderr, flush=True)
-
-
-def _num_blocks(model: str) -> int:
-    """The model's number of transformer blocks. A GGUF file's header and a directory's
-    config.json are read directly: transformers' config loader costs ~15 s of imports and GGUF
-    parsing on a small machine, while the user waits for the servers to even start."""
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        from gguf import GGUFReader
-
-        fields = GGUFReader(str(path)).fields
-        arch = fields.get("general.architecture")
-        count = fields.get(f"{_text(arch)}.block_count") if arch else None
-        if count is not None:
-            return int(count.parts[count.data[0]][0])
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        config = config.get("text_config", config)
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(config.get(key), int):
-                return config[key]
-    from petald.server.loading import read_config  # a Hub id, or a layout not known above
-
-    return int(read_config(model).get_text_config().num_hidden_layers)
-
-
-def _text(field) -> str:
-    return bytes(field.parts[field.data[0]]).decode()
 
 
 class _signals_exit:

@@ -19,11 +19,11 @@ import subprocess
 import sys
 from typing import Any
 
-import torch
 import trio
 
 from petald.errors import PetaldError
 from petald.server.openmp import with_openmp_defaults
+from petald.wire.frames import Frame
 from petald.wire.messages import read_message, write_message
 from petald.wire.streams import TrioByteStream
 
@@ -131,13 +131,14 @@ class Executor:
     async def call(
         self,
         header: dict[str, Any],
-        tensors: list[torch.Tensor] = (),
+        tensors: list[Frame] = (),
         *,
         priority: int,  # type: ignore[assignment]
-    ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    ) -> tuple[dict[str, Any], list[Frame]]:
         """Sends one request and returns the reply. Waits for its turn by priority; once sent,
         the exchange is shielded from cancellation (a half-read reply would desynchronise the
-        pipe) — it ends when the worker answers or dies."""
+        pipe) — it ends when the worker answers or dies. Frames go both ways as they are: the
+        daemon never decodes a tensor."""
         await self._lock.acquire(priority)
         try:
             with trio.CancelScope(shield=True):
@@ -145,7 +146,7 @@ class Executor:
                 if stream is None:
                     raise WorkerFailed("the compute process is not running")
                 await write_message(stream, header, list(tensors))
-                reply, out = await read_message(stream)
+                reply, out = await read_message(stream, frames=True)
                 for key in ("rss", "peak_rss"):
                     if key in reply:
                         self.info[key] = reply.pop(key)

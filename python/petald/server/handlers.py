@@ -25,7 +25,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import trio
 from libp2p.abc import IHost, INetStream
 
@@ -33,6 +32,7 @@ from petald import __version__
 from petald.errors import CodecError, FrameError, MessageError
 from petald.server.executor import TRAINING, Executor
 from petald.server.memory import CacheBudget
+from petald.wire.frames import Frame
 from petald.wire.messages import read_message, write_message
 from petald.wire.protocols import BACKWARD_PROTOCOL, FORWARD_PROTOCOL, INFO_PROTOCOL
 
@@ -67,8 +67,8 @@ class BadRequest(Exception):
 
 
 def check_tuning(
-    header: dict[str, Any], tensors: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    header: dict[str, Any], tensors: list[Frame]
+) -> tuple[list[Frame], dict[str, Any]]:
     """Splits off the named fine-tuning tensors (petald.server.adapters) and checks their
     names and the header fields that go with them; returns (the regular tensors, the header
     fields for the compute process, which checks shapes against the blocks)."""
@@ -80,7 +80,7 @@ def check_tuning(
     if len(named) >= len(tensors):
         raise BadRequest("bad_tensors", "the named tensors come after the regular ones")
     for n, t in zip(named, tensors[len(tensors) - len(named) :], strict=True):
-        if not t.dtype.is_floating_point or not 2 <= t.dim() <= 4:
+        if not t.is_float or not 2 <= t.ndim <= 4:
             raise BadRequest("bad_named", f"{n} must be a floating-point tensor of 2 to 4 dims")
     fields: dict[str, Any] = {"named": named} if named else {}
     scale = header.get("lora_scale", 1.0)
@@ -97,7 +97,7 @@ def check_tuning(
 
 
 def check_extras(
-    header: dict[str, Any], extras: list[torch.Tensor], batch: int, mask_len: int, seq: int
+    header: dict[str, Any], extras: list[Frame], batch: int, mask_len: int, seq: int
 ) -> dict[str, bool]:
     """Validates the optional tensors after the required ones: an attention mask
     (batch, mask_len) and, when `header["positions"]` is true, position ids (batch or 1, seq)
@@ -107,14 +107,15 @@ def check_extras(
         raise BadRequest("bad_tensors", "after the hidden states: a mask?, then position ids?")
     if positions:
         pos = extras[-1]
-        if pos.dtype not in (torch.int32, torch.int64) or pos.dim() != 2:
+        if pos.dtype not in ("int32", "int64") or pos.ndim != 2:
             raise BadRequest("bad_positions", "position ids must be an int (batch, seq) tensor")
         if pos.shape[0] not in (1, batch) or pos.shape[1] != seq:
             raise BadRequest("bad_positions", f"position ids must be ({batch}, {seq})")
-        if pos.numel() and not 0 <= int(pos.min()) <= int(pos.max()) < MAX_POSITION:
+        values = pos.values() if pos.numel() else None
+        if values is not None and not 0 <= int(values.min()) <= int(values.max()) < MAX_POSITION:
             raise BadRequest("bad_positions", f"position ids must be in [0, {MAX_POSITION})")
     has_mask = len(extras) > int(positions)
-    if has_mask and (extras[0].dim() != 2 or tuple(extras[0].shape) != (batch, mask_len)):
+    if has_mask and (extras[0].ndim != 2 or extras[0].shape != (batch, mask_len)):
         raise BadRequest("bad_mask", f"attention mask must be ({batch}, {mask_len})")
     return {"mask": has_mask, "positions": positions}
 
@@ -217,18 +218,18 @@ class BlockHandlers:
             raise BadRequest("bad_blocks", f"blocks {start}:{end} are not within served {served}")
         return start, end
 
-    def check_hidden(self, hidden: torch.Tensor) -> tuple[int, int]:
+    def check_hidden(self, hidden: Frame) -> tuple[int, int]:
         size = self.worker["hidden_size"]
-        if hidden.dim() != 3 or hidden.shape[-1] != size or 0 in hidden.shape:
+        if hidden.ndim != 3 or hidden.shape[-1] != size or 0 in hidden.shape:
             raise BadRequest("bad_shape", f"hidden states must be (batch, seq, {size})")
-        if not hidden.dtype.is_floating_point:
+        if not hidden.is_float:
             raise BadRequest("bad_dtype", "hidden states must be a floating-point tensor")
         return hidden.shape[0], hidden.shape[1]
 
     def _check(
-        self, header: dict[str, Any], tensors: list[torch.Tensor], *, backward: bool = False
-    ) -> tuple[dict[str, Any], str]:
-        """The request for the compute process, and the reply codec."""
+        self, header: dict[str, Any], tensors: list[Frame], *, backward: bool = False
+    ) -> dict[str, Any]:
+        """The request for the compute process (with the reply codec)."""
         start, end = self.check_blocks(header)
         tensors, tuning = check_tuning(header, tensors)
         codec = header.get("codec", "none")
@@ -245,9 +246,7 @@ class BlockHandlers:
                 f"batch {batch} x seq {seq} is over the limits (batch <= {self.limits.max_batch}, "
                 f"tokens <= {self.limits.max_tokens})",
             )
-        if backward and (
-            tensors[1].shape != tensors[0].shape or not tensors[1].dtype.is_floating_point
-        ):
+        if backward and (tensors[1].shape != tensors[0].shape or not tensors[1].is_float):
             raise BadRequest("bad_grad", "the output gradient must have the hidden states' shape")
         flags = check_extras(header, tensors[required:], batch, seq, seq)
         all_hidden = header.get("all_hidden", False)
@@ -255,7 +254,8 @@ class BlockHandlers:
             raise BadRequest("bad_request", "all_hidden is a boolean, for forward only")
         op = "backward" if backward else "forward"
         request = {"op": op, "start": start, "end": end, "all_hidden": all_hidden}
-        return request | flags | tuning, codec
+        # The compute process frames its answer with the client's codec; we pass it on as is.
+        return request | flags | tuning | {"codec": codec}
 
     async def _on_forward(self, stream: INetStream) -> None:
         await self._serve(stream, backward=False)
@@ -283,11 +283,11 @@ class BlockHandlers:
 
     async def _serve_one(self, stream: INetStream, *, backward: bool) -> None:
         try:
-            header, tensors = await read_message(stream)
+            header, tensors = await read_message(stream, frames=True)
             try:
                 if self.state != "online":
                     raise BadRequest(self.state, f"the server is {self.state}; use another")
-                request, codec = self._check(header, tensors, backward=backward)
+                request = self._check(header, tensors, backward=backward)
             except BadRequest as e:
                 await write_message(stream, {"error": e.code, "message": str(e)})
                 await stream.close()
@@ -297,7 +297,7 @@ class BlockHandlers:
                 await write_message(stream, reply)
             else:
                 answer = {"ok": True} | ({"named": reply["named"]} if reply.get("named") else {})
-                await write_message(stream, answer, out, codec=codec)
+                await write_message(stream, answer, out)
             await stream.close()
         except (MessageError, FrameError, CodecError) as e:
             with contextlib.suppress(Exception):

@@ -22,7 +22,6 @@ import logging
 from collections import Counter
 from typing import Any
 
-import torch
 import trio
 from libp2p.abc import IHost, INetStream
 
@@ -38,6 +37,7 @@ from petald.server.handlers import (
 )
 from petald.server.memory import MAX_SESSIONS_PER_PEER, SESSION_IDLE_TIMEOUT, Busy
 from petald.wire import trace
+from petald.wire.frames import Frame
 from petald.wire.messages import read_message, write_message
 from petald.wire.protocols import INFERENCE_PROTOCOL
 
@@ -123,7 +123,7 @@ class InferenceSessions:
             self.blocks.end()
 
     def _check_step(
-        self, header: dict[str, Any], tensors: list[torch.Tensor], session: dict[str, Any]
+        self, header: dict[str, Any], tensors: list[Frame], session: dict[str, Any]
     ) -> dict[str, Any]:
         position = header.get("position", session["position"])
         if type(position) is not int or not 0 <= position <= session["position"]:
@@ -149,15 +149,16 @@ class InferenceSessions:
         ):
             raise BadRequest("bad_reorder", f"reorder must list {batch} indices in [0, {batch})")
         work = {"op": "step", "sid": session["sid"], "position": position, **flags, **tuning}
+        work["codec"] = session["codec"]  # the compute process frames the answer; we pass it on
         return work | ({"reorder": reorder} if reorder is not None else {})
 
     async def _steps(self, stream: INetStream, sid: int, request: dict, codec: str) -> None:
-        session = {**request, "sid": sid, "position": 0}
-        last: tuple[Any, int, torch.Tensor] | None = None  # (step id, position, output)
+        session = {**request, "sid": sid, "position": 0, "codec": codec}
+        last: tuple[Any, int, Frame] | None = None  # (step id, position, output as sent)
         while True:
             arrived: list[int] = []  # petald.wire.trace: when the header was in
             with trio.move_on_after(SESSION_IDLE_TIMEOUT) as idle:
-                header, tensors = await read_message(stream, stamps=arrived)
+                header, tensors = await read_message(stream, stamps=arrived, frames=True)
             if idle.cancelled_caught or header.get("close"):
                 await stream.close()
                 return
@@ -165,7 +166,7 @@ class InferenceSessions:
             if last is not None and step == last[0] and position == last[1]:
                 # A retransmission (the client lost our answer): answer again, apply nothing.
                 done = {"ok": True, "step": step, "position": session["position"]}
-                await write_message(stream, done, [last[2]], codec=codec)
+                await write_message(stream, done, [last[2]])
                 continue
             stamps = [*arrived, trace.now()] if header.get("trace") is True else None
             try:
@@ -190,4 +191,4 @@ class InferenceSessions:
                 # our write; w: the compute process's own (header in, decoded, computed, before
                 # its write).
                 done["trace"] = {"d": [*stamps, trace.now()], "w": reply.get("trace", [])}
-            await write_message(stream, done, out, codec=codec)
+            await write_message(stream, done, out)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-
 # A session nobody steps for this long is closed and its tokens freed.
 SESSION_IDLE_TIMEOUT = 300.0
 # Sessions one peer may hold at once: more is a client bug or an attack on the budget.
@@ -47,11 +45,12 @@ class CacheBudget:
         self.used_tokens = max(0, self.used_tokens - tokens)
 
 
-def default_budget(per_token: int, device: torch.device) -> int:
-    """Tokens that fit in a quarter of the free memory of `device` (host RAM for CPU): the rest
-    stays for weights, activations and the system."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+def default_budget(per_token: int, device_free_bytes: int | None) -> int:
+    """Tokens that fit in a quarter of the free memory of the device (the compute process
+    reports an accelerator's free bytes; None: CPU, host RAM): the rest stays for weights,
+    activations and the system."""
+    if device_free_bytes is not None:
+        free = device_free_bytes
     else:
         pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
         free = pages * os.sysconf("SC_PAGE_SIZE") if pages else 8 << 30

@@ -80,10 +80,9 @@ class BlockServer:
     # ---- start-up ---------------------------------------------------------------------------
 
     async def _choose(self) -> BlockRange:
-        from petald.server.loading import read_config  # transformers: only when choosing
+        from petald.server.model_config import num_blocks
 
-        config = await trio.to_thread.run_sync(read_config, self.config.source)
-        n_blocks = int(config.num_hidden_layers)
+        n_blocks = await trio.to_thread.run_sync(num_blocks, self.config.source)
         want = self.config.num_blocks or n_blocks
         if not 1 <= want <= n_blocks:
             raise ValueError(f"--num-blocks must be 1..{n_blocks} for this model")
@@ -142,9 +141,7 @@ class BlockServer:
 
     @staticmethod
     def _default_budget(worker: dict) -> int:
-        import torch
-
-        return default_budget(worker["kv_bytes_per_token"], torch.device(worker["device"]))
+        return default_budget(worker["kv_bytes_per_token"], worker.get("device_free_bytes"))
 
     async def _throughput(self, executor: Executor, worker: dict) -> float:
         mode = self.config.throughput

@@ -10,8 +10,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 from petald import __version__
 
 log = logging.getLogger(__name__)
@@ -30,7 +28,8 @@ def cache_dir() -> Path:
 def cache_key(model: str, worker: dict) -> str:
     n = worker["blocks"][1] - worker["blocks"][0]
     parts = [model, f"{n} blocks", worker["device"], worker["dtype"], worker["quant"]]
-    return "|".join([*parts, f"torch {torch.__version__}", f"petald {__version__}"])
+    # The compute process reports its torch version (the daemon does not import torch).
+    return "|".join([*parts, f"torch {worker['torch']}", f"petald {__version__}"])
 
 
 def load_cached(key: str) -> float | None:

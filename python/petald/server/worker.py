@@ -94,6 +94,13 @@ class Compute:
             "kv_bytes_per_token": 2 * len(self.span.blocks) * kv_heads * head_dim * itemsize,
             "rss": rss_bytes(),
             "peak_rss": peak_rss_bytes(),
+            "torch": torch.__version__,  # the daemon imports no torch (throughput cache key)
+            # Free accelerator memory, for the daemon's default KV-cache budget (None: CPU).
+            "device_free_bytes": (
+                torch.cuda.mem_get_info(self.span.device)[0]
+                if self.span.device.type == "cuda"
+                else None
+            ),
         }
 
     def handle(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> Reply:
@@ -301,7 +308,8 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
         reply = {**reply, "rss": rss_bytes(), "peak_rss": peak_rss_bytes()}
         if "trace" in reply:
             reply["trace"].append(trace.now())
-        await write_message(stream, reply, out)
+        # Framed with the client's codec (the daemon checked it): it passes the frames on.
+        await write_message(stream, reply, out, codec=header.get("codec", "none"))
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ import cbor2
 
 from petald import _native
 from petald.errors import MessageError
+from petald.wire.frames import Frame
 from petald.wire.tensors import pack, unpack
 
 if TYPE_CHECKING:
@@ -74,10 +75,11 @@ class _Reader:
 async def write_message(
     stream: Stream,
     header: dict[str, Any],
-    tensors: Sequence[torch.Tensor] = (),
+    tensors: Sequence[torch.Tensor | Frame] = (),
     *,
     codec: str = "none",
 ) -> None:
+    """Writes one message; tensors are framed with `codec`, a `Frame` goes as it is."""
     if len(tensors) > MAX_TENSORS:
         raise ValueError(f"at most {MAX_TENSORS} tensors per message")
     head = cbor2.dumps({**header, "tensors": len(tensors)}, canonical=True)
@@ -85,7 +87,7 @@ async def write_message(
         raise ValueError("message header too large")
     parts = [_varint(len(head)), head]
     for t in tensors:
-        frame = pack(t, codec)
+        frame = t.data if isinstance(t, Frame) else pack(t, codec)
         parts += [_varint(len(frame)), frame]
     await stream.write(b"".join(parts))
 
@@ -95,10 +97,12 @@ async def read_message(
     *,
     max_tensor_bytes: int = _native.DEFAULT_MAX_TENSOR_BYTES,
     stamps: list[int] | None = None,
-) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    frames: bool = False,
+) -> tuple[dict[str, Any], list[Any]]:
     """Reads one message; raises `MessageError` (or `FrameError`/`CodecError`) for anything
     malformed or over the limits, before allocating for it. `stamps` (petald.wire.trace) gets
-    the time at which the header was in."""
+    the time at which the header was in. The tensors come as torch tensors, or with `frames`
+    as validated `Frame`s (no torch: the daemon of `petald serve` passes them on)."""
     reader = _Reader(stream)
     size = await reader.varint(MAX_HEADER_BYTES, "header")
     try:
@@ -119,5 +123,9 @@ async def read_message(
     tensors = []
     for _ in range(count):
         n = await reader.varint(frame_limit, "tensor frame")
-        tensors.append(unpack(await reader.exactly(n), max_tensor_bytes=max_tensor_bytes))
+        data = await reader.exactly(n)
+        if frames:
+            tensors.append(Frame.check(data, max_tensor_bytes=max_tensor_bytes))
+        else:
+            tensors.append(unpack(data, max_tensor_bytes=max_tensor_bytes))
     return header, tensors
