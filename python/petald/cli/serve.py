@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from petald.server.serve_config import ServeConfig, worker_spec
 from petald.types import BlockRange
 
 QUANT_MODES = ("none", "int8", "nf4")
@@ -74,8 +75,7 @@ def model_name(source: str) -> str:
     return source
 
 
-def serve_config(args: argparse.Namespace):  # -> ServeConfig (imported lazily)
-    from petald.server.service import ServeConfig
+def serve_config(args: argparse.Namespace) -> ServeConfig:
 
     if args.cache_tokens is not None and args.cache_tokens < 1:
         raise ValueError("--cache-tokens must be positive")
@@ -113,23 +113,32 @@ def serve_config(args: argparse.Namespace):  # -> ServeConfig (imported lazily)
 
 
 def run(p2p, args: argparse.Namespace) -> int:
-    import trio
-
-    from petald.daemon import main as daemon_main
-    from petald.server.service import BlockServer
+    from petald.server.executor import spawn_worker
     from petald.server.startup import stamp
-    from petald.stack import Stack
 
-    stamp("daemon.imported")
     config = serve_config(args)
-    server: list[BlockServer] = []
+    # With --blocks the span is known now: the compute process imports torch and loads it
+    # while this process imports py-libp2p and joins the swarm (both take seconds).
+    worker = spawn_worker(worker_spec(config, config.blocks)) if config.blocks else None
+    try:
+        import trio
 
-    async def on_started(stack: Stack, reachability: str, nursery: trio.Nursery) -> None:
-        server.append(BlockServer(config, stack, reachability))
-        await nursery.start(server[0].run)
+        from petald.daemon import main as daemon_main
+        from petald.server.service import BlockServer
+        from petald.stack import Stack
 
-    async def on_drain() -> None:
-        if server:
-            await server[0].drain()
+        stamp("daemon.imported")
+        server: list[BlockServer] = []
 
-    return daemon_main(p2p, on_started=on_started, on_drain=on_drain)
+        async def on_started(stack: Stack, reachability: str, nursery: trio.Nursery) -> None:
+            server.append(BlockServer(config, stack, reachability, worker))
+            await nursery.start(server[0].run)
+
+        async def on_drain() -> None:
+            if server:
+                await server[0].drain()
+
+        return daemon_main(p2p, on_started=on_started, on_drain=on_drain)
+    finally:
+        if worker is not None:
+            worker.close()  # stopped already if it served; not if the daemon never got to it

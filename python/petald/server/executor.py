@@ -5,10 +5,12 @@ training batch is throughput work. A compute process that dies takes the daemon 
 message; a daemon that dies takes the compute process with it (a lifeline pipe, see the worker).
 
 Entry point: `info = await nursery.start(executor.run)`, then `await executor.call(header, tensors,
-priority=...)`."""
+priority=...)`. `spawn_worker(spec)` starts the compute process ahead (outside trio, e.g. before
+the daemon has even imported py-libp2p) for an `Executor(spec, process)` to take over."""
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -17,12 +19,14 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from petald.errors import PetaldError
 from petald.server.openmp import with_openmp_defaults
+from petald.server.startup import stamp
 from petald.wire.frames import Frame
 from petald.wire.messages import read_message, write_message
 from petald.wire.streams import TrioByteStream
@@ -41,6 +45,67 @@ def worker_env() -> dict[str, str]:
 
 class WorkerFailed(PetaldError):
     """The compute process could not load the span, or died."""
+
+
+@dataclass
+class WorkerProcess:
+    """A started compute process: our end of its socket pair and the write end of its lifeline
+    (it exits when that closes: we died)."""
+
+    spec: dict[str, Any]
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    lifeline_w: int
+
+    def close(self) -> None:
+        """Kills it (if still running) and closes our ends; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        self.sock.close()
+        if self.lifeline_w >= 0:
+            os.close(self.lifeline_w)
+            self.lifeline_w = -1
+
+
+def spawn_worker(spec: dict[str, Any]) -> WorkerProcess:
+    """Starts `python -m petald.server.worker` for `spec` without waiting for it."""
+    ours, theirs = socket.socketpair()
+    # The lifeline: we hold the write end (never inherited by anyone) until we die.
+    lifeline_r, lifeline_w = os.pipe()
+    os.set_inheritable(lifeline_w, False)
+    argv = [sys.executable, "-m", "petald.server.worker", str(theirs.fileno())]
+    stamp("daemon.worker_spawn")
+    try:
+        proc = subprocess.Popen(
+            [*argv, json.dumps(spec), str(lifeline_r)],
+            pass_fds=(theirs.fileno(), lifeline_r),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # stdout is the daemon's JSON channel; logs: stderr
+            env=worker_env(),
+        )
+    except BaseException:
+        ours.close()
+        os.close(lifeline_w)
+        raise
+    finally:
+        theirs.close()
+        os.close(lifeline_r)
+    return WorkerProcess(spec, proc, ours, lifeline_w)
+
+
+async def wait_exit(proc: subprocess.Popen[bytes]) -> int:
+    """Waits for `proc` to exit without blocking the trio loop (a pidfd on Linux)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux, or an old kernel: a thread waits
+        return await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return proc.wait()
 
 
 class PriorityLock:
@@ -80,53 +145,42 @@ class PriorityLock:
 
 
 class Executor:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], process: WorkerProcess | None = None) -> None:
         self.spec = spec
+        self._process = process  # started ahead by `spawn_worker(spec)`; else `run` starts it
         self.info: dict[str, Any] = {}
         self._lock = PriorityLock()
         self._stream: TrioByteStream | None = None
         self._stopping = False
 
     async def run(self, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
-        """Starts the compute process and serves until cancelled; started(info) once loaded."""
-        ours, theirs = socket.socketpair()
-        # The lifeline: we hold the write end (never inherited by anyone) until we die.
-        lifeline_r, lifeline_w = os.pipe()
-        argv = [sys.executable, "-m", "petald.server.worker", str(theirs.fileno())]
-        try:
-            proc = await trio.lowlevel.open_process(
-                [*argv, json.dumps(self.spec), str(lifeline_r)],
-                pass_fds=(theirs.fileno(), lifeline_r),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # stdout is the daemon's JSON channel; logs: stderr
-                env=worker_env(),
-            )
-        finally:
-            theirs.close()
-            os.close(lifeline_r)
-        stream = TrioByteStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        """Starts the compute process (unless it was started ahead) and serves until
+        cancelled; started(info) once loaded."""
+        process, self._process = self._process or spawn_worker(self.spec), None
+        proc = process.proc
+        stream = TrioByteStream(trio.SocketStream(trio.socket.from_stdlib_socket(process.sock)))
         try:
             try:
                 header, _ = await read_message(stream, max_tensor_bytes=0)
             except PetaldError:
-                code = await proc.wait()
+                code = await wait_exit(proc)
                 raise WorkerFailed(f"the compute process exited ({code}) while loading") from None
             if "error" in header:
                 raise WorkerFailed(f"loading failed: {header['error']}: {header.get('message')}")
             self.info = header
             self._stream = stream
             task_status.started(header)
-            code = await proc.wait()
+            code = await wait_exit(proc)
             raise WorkerFailed(f"the compute process exited unexpectedly ({code})")
         finally:
             self._stream = None
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-                if proc.returncode is None:
+                if proc.poll() is None:
                     proc.kill()
                     with trio.move_on_after(10):
-                        await proc.wait()
-                os.close(lifeline_w)
+                        await wait_exit(proc)
+                process.close()
 
     async def call(
         self,

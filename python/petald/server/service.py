@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import trio
 
 from petald import __version__
 from petald.server import throughput
-from petald.server.executor import TRAINING, Executor
+from petald.server.executor import TRAINING, Executor, WorkerProcess
 from petald.server.handlers import BlockHandlers, Limits
 from petald.server.inference import InferenceSessions
 from petald.server.memory import CacheBudget, default_budget
 from petald.server.placement import choose_span, should_move
+from petald.server.serve_config import ServeConfig, worker_spec
 from petald.server.startup import stamp
 from petald.stack import Stack
 from petald.types import BlockRange, ServerInfo
@@ -30,26 +30,17 @@ from petald.types import BlockRange, ServerInfo
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    source: str
-    model: str  # the name announced
-    blocks: BlockRange | None = None  # None: choose `num_blocks` from the swarm
-    num_blocks: int | None = None
-    dtype: str = "auto"
-    device: str = "cpu"
-    quant: str = "none"
-    adapters: tuple[str, ...] = ()  # peft LoRA directories clients may select by name
-    cache_tokens: int | None = None
-    throughput: str = "auto"  # auto (cached or measured), eval (measure again), or tokens/s
-    drain_timeout: float = 60.0
-    rebalance_period: float = 600.0
-    public_name: str = ""
-
-
 class BlockServer:
-    def __init__(self, config: ServeConfig, stack: Stack, reachability: str) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        stack: Stack,
+        reachability: str,
+        worker: WorkerProcess | None = None,
+    ) -> None:
         self.config = config
+        # The compute process of `config.blocks`, started by the CLI before the daemon joined.
+        self._early_worker = worker
         self.stack = stack
         self.reachability = reachability
         self.handlers: BlockHandlers | None = None
@@ -107,12 +98,14 @@ class BlockServer:
 
     async def _start_span(self, nursery: trio.Nursery, span: BlockRange) -> None:
         c = self.config
-        spec = {"source": c.source, "blocks": [span.start, span.end], "dtype": c.dtype}
-        spec |= {"device": c.device, "quant": c.quant, "adapters": list(c.adapters)}
-        executor = Executor(spec)
+        spec = worker_spec(c, span)
+        process, self._early_worker = self._early_worker, None
+        if process is not None and process.spec != spec:
+            process.close()  # started for another span
+            process = None
+        executor = Executor(spec, process)
         self._announce_joining(span)
         t0 = trio.current_time()
-        stamp("daemon.worker_spawn")
         worker = await nursery.start(executor.run)
         stamp("daemon.worker_loaded")
         log.info(

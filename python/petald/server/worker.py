@@ -289,6 +289,11 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
         await write_message(stream, {"error": "AdapterError", "message": str(e)})
         return
     stamp("worker.loaded")
+    # Below the daemon beside us from now on: when both want the CPU, the network (DHT, gossip,
+    # `info`, the next request) goes first; the compute loses little, as the daemon is mostly
+    # idle. Not while loading: then the span is what the server waits for.
+    with contextlib.suppress(OSError):
+        os.nice(COMPUTE_NICENESS)
     compute = Compute(span, adapters)
     await write_message(stream, {"ok": True, "baseline_rss": baseline, **compute.describe()})
     while True:
@@ -315,10 +320,6 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     stamp("worker.imported")
     _die_with_parent(int(argv[2]))
-    # Below the daemon beside us: when both want the CPU, the network (DHT, gossip, `info`, the
-    # next request) goes first; the compute loses little, as the daemon is mostly idle.
-    with contextlib.suppress(OSError):
-        os.nice(COMPUTE_NICENESS)
     # Ctrl-C in a terminal reaches the whole process group: the daemon decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s")
