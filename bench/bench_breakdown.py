@@ -5,8 +5,9 @@ with PETALD_TRACE=1 (petald.wire.trace): each hop's request carries a flag and t
 daemon and compute process stamp the points they pass with CLOCK_MONOTONIC, which all processes
 of this host share. Per hop, the parts (p50 / p90 over the decode steps):
 
-    client out    InferenceStream.step entered -> request built, encoded, written to the stream
-    to daemon     -> the daemon has read the header (yamux, Noise, loopback, trio wake-ups)
+    client out    InferenceStream.step entered -> request built (header, extra tensors)
+    to daemon     -> the daemon has read the header (encode, yamux, Noise, loopback, trio
+                     wake-ups in both processes)
     daemon in     -> the daemon has decoded the tensors and checked the request
     to compute    -> the compute process has the tensors (executor queue, encode, socket pair,
                      decode)
@@ -17,6 +18,8 @@ of this host share. Per hop, the parts (p50 / p90 over the decode steps):
                      loopback, yamux, Noise)
     client in     -> the client has decoded and checked the answer
 
+(The client's write call itself returns later than the daemon has the header: its task waits
+for its turn on the loop again; printed apart as "client in write()".)
 and per step: the thread crossing (InferenceSession.step in the caller's thread to the client's
 trio loop and back) and the session's own work (history, masks) beside its hops. Overhead per
 hop = hop time - compute; the daemon's share = daemon in + its reply's header and the time
@@ -53,7 +56,7 @@ from petald.testing.models import save_tiny_llama, smollm2_gguf
 from petald.wire import trace
 
 PREFILL, STEPS, WARMUP = 16, 80, 10
-RATIO_ROUNDS = 5
+RATIO_ROUNDS = 3
 TINY = dict(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
 PARTS = ["client out", "to daemon", "daemon in", "to compute", "compute", "to daemon'",
          "back", "client in"]  # fmt: skip
@@ -85,12 +88,12 @@ def hop_parts(r: dict) -> dict[str, int]:
     c, d, w = r["c"], r["d"], r["w"]
     # c: entered, before write, after write, header in, decoded, checked;
     # d: header in, decoded, checked, answer decoded, before write; w: in, decoded, done, write.
-    points = [c[0], c[2], d[0], d[2], w[1], w[2], d[3], c[3], c[5]]
+    points = [c[0], c[1], d[0], d[2], w[1], w[2], d[3], c[3], c[5]]
     out = {name: b - a for name, a, b in zip(PARTS, points, points[1:], strict=False)}
     out["hop"] = c[5] - c[0]
     out["overhead"] = out["hop"] - out["compute"]
     out["daemon"] = (d[2] - d[0]) + (d[4] - d[3])
-    out["client encode+write"] = c[2] - c[1]
+    out["client in write()"] = c[2] - c[1]
     out["daemon decode"] = d[1] - d[0]
     return out
 
@@ -125,7 +128,7 @@ def report(title: str, steps: list[list[dict]]) -> None:
     hops = [hop_parts(r) for records in steps for r in records if r["kind"] == "hop"]
     n_hops = len(hops) // len(steps)
     print(f"{title}: {len(steps)} decode steps x {n_hops} hops; ms p50 / p90")
-    for name in [*PARTS, "hop", "overhead", "daemon", "client encode+write", "daemon decode"]:
+    for name in [*PARTS, "hop", "overhead", "daemon", "client in write()", "daemon decode"]:
         xs = [h[name] / 1e6 for h in hops]
         label = "to daemon (answer)" if name == "to daemon'" else name
         label = {"hop": "= hop", "overhead": "overhead (hop - compute)",

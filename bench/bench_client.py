@@ -5,7 +5,8 @@ float32, CPU), measured in the same run:
 1. Time to first token and decode tokens/s of greedy generate() through a loopback swarm of
    two servers (blocks 0:15 and 15:30), against the local model (target: >= 0.9x local decode).
    Each token's arrival is stamped by a streamer; decode rate = tokens after the first / time
-   from the first to the last.
+   from the first to the last. The local model runs as a user runs it: in a process of its own
+   (`bench_client.py local`), with default settings (no OpenMP setting of petald's).
 2. Failover: a third server holds 15:30 too. Mid-generation the server of 15:30 that the session
    uses is killed with SIGKILL; the session replays its history into the replica. The text must
    equal the uninterrupted run's; the stall (from the failed call to the rebuilt cache) is printed.
@@ -14,14 +15,12 @@ Run: `.venv/bin/python bench/bench_client.py` (about 3 minutes on 2 cores, most 
 
 from __future__ import annotations
 
-import os
-
-# The local baseline runs with the same OpenMP setting as petald's processes (set before torch
-# loads): otherwise the comparison measures spinning threads, not petald.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +68,44 @@ def timed(model, ids: torch.Tensor, **kw) -> tuple[torch.Tensor, float, float]:
     return out, first - t0, (len(stamps.times) - 2) / (last - first)
 
 
+class LocalProcess:
+    """The local model in a process of its own with default settings (`bench_client.py local`):
+    `run(ids)` -> (tokens, time to first token, decode tokens/s) of one greedy generate()."""
+
+    def __init__(self) -> None:
+        skip = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+        env = {k: v for k, v in os.environ.items() if k not in skip}
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "local"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def run(self, ids: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(ids[0].tolist()) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the local model's process exited ({self.proc.wait()})")
+        tokens, ttft, tps = json.loads(line)
+        return torch.tensor([tokens]), ttft, tps
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait(60)
+
+
+def local_main() -> None:
+    gguf = smollm2_gguf()
+    local = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    for line in sys.stdin:
+        out, ttft, tps = timed(local, torch.tensor([json.loads(line)]))
+        print(json.dumps([out[0].tolist(), ttft, tps]), flush=True)
+
+
 def start_servers(gguf: Path, tmp: Path) -> tuple[DaemonProcess, dict[str, DaemonProcess]]:
     boot = start_daemon("node", "--new-swarm", identity=tmp / "boot.key")
     servers: dict[str, DaemonProcess] = {}
@@ -102,25 +139,26 @@ def main() -> None:
         t0 = time.perf_counter()
         boot, servers = start_servers(gguf, Path(tmp))
         print(f"three servers ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        local = LocalProcess()
         try:
-            local = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             config = ClientConfig(initial_peers=(boot.addr,), step_timeout=60)
             with SwarmClient(config=config) as client:
                 model = AutoDistributedModelForCausalLM.from_pretrained(gguf, client=client)
-                step = compare(local.eval(), model, ids)
-                failover(model, ids, timed(local, ids)[0], servers, step)
+                step = compare(local, model, ids)
+                failover(model, ids, local.run(ids)[0], servers, step)
         finally:
+            local.close()
             stop_all([*servers.values(), boot])
 
 
-def compare(local, model, ids: torch.Tensor) -> float:
+def compare(local: LocalProcess, model, ids: torch.Tensor) -> float:
     """Local and swarm runs alternate (after one warm-up each), so that whatever else the
     machine runs slows both alike; medians are compared."""
-    timed(local, ids)
+    local.run(ids)
     timed(model, ids)  # warm-up: route probes, the servers' first steps
     runs: dict[str, list[tuple[float, float]]] = {"local": [], "swarm": []}
     for _ in range(ROUNDS):
-        want, *lt = timed(local, ids)
+        want, *lt = local.run(ids)
         got, *st = timed(model, ids)
         assert got.tolist() == want.tolist(), "remote and local generations differ"
         runs["local"].append(tuple(lt))
@@ -167,4 +205,4 @@ def failover(model, ids: torch.Tensor, want: torch.Tensor, servers, step: float)
 
 
 if __name__ == "__main__":
-    main()
+    local_main() if sys.argv[1:] == ["local"] else main()

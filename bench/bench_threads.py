@@ -14,7 +14,8 @@ tokens after the first over the time from the first to the last):
 
 Rounds alternate the settings (every worker process stays up between rounds, and a round asks
 each once), so whatever else the machine runs slows all alike; medians are compared.
-Run: `.venv/bin/python bench/bench_threads.py` (about 5 minutes on 2 cores).
+Run: `.venv/bin/python bench/bench_threads.py [--swarm-only]` (parts 2 and 3 only; 10-30 minutes on
+2 shared cores).
 Workers: `bench_threads.py worker CHECKPOINT [BOOT_ADDR]` reads commands on stdin."""
 
 from __future__ import annotations
@@ -191,15 +192,18 @@ def main() -> None:
         tmp = Path(tmp_name)
         checkpoint = tmp / "smollm2-shaped"
         save_tiny_llama(checkpoint, **SMOLLM2_SHAPE)
-        locals_ = {name: Worker(checkpoint, clean_env(env)) for name, env in SETTINGS.items()}
+        alone_too = "--swarm-only" not in sys.argv
+        settings = SETTINGS if alone_too else {"libgomp default": {}}
+        locals_ = {name: Worker(checkpoint, clean_env(env)) for name, env in settings.items()}
         daemons, clients = [], {}
         try:
             ready(*locals_.values())
-            print("1. the local model alone in its process, decode tokens/s:", flush=True)
-            alone = rounds({name: (w, "local") for name, w in locals_.items()})
-            base = alone["libgomp default"]
-            for name, tps in alone.items():
-                print(f"   {name:30s} {tps:5.1f}  ({tps / base:.2f}x default)", flush=True)
+            if alone_too:
+                print("1. the local model alone in its process, decode tokens/s:", flush=True)
+                alone = rounds({name: (w, "local") for name, w in locals_.items()})
+                base = alone["libgomp default"]
+                for name, tps in alone.items():
+                    print(f"   {name:30s} {tps:5.1f}  ({tps / base:.2f}x default)", flush=True)
             for name, w in locals_.items():
                 if name != "libgomp default":
                     w.stop()
@@ -210,8 +214,9 @@ def main() -> None:
                 boot, servers = start_swarm(checkpoint, tmp, name, env)
                 daemons += [boot, *servers]
                 swarms[name] = (boot, servers, env)
-            with ThreadPoolExecutor(len(daemons)) as pool:
-                list(pool.map(lambda d: d.wait_ready(600), daemons))
+            servers = [d for _, group, _ in swarms.values() for d in group]
+            with ThreadPoolExecutor(len(servers)) as pool:
+                list(pool.map(lambda d: d.wait_ready(600), servers))
             for name, (boot, _, env) in swarms.items():
                 clients[name] = Worker(checkpoint, env, boot.addr)
             ready(*clients.values())
