@@ -115,6 +115,11 @@ def shares_kv_across_layers(config: PretrainedConfig) -> bool:
     return "reuse" in modes or bool(getattr(text, "num_kv_shared_layers", 0))
 
 
+def cache_keyword(forward: Callable[..., Any]) -> str | None:
+    """The keyword a forward takes its cache under, if it names one."""
+    return _cache_param(forward)
+
+
 def base_forward_cache_arg(base: nn.Module) -> str | None:
     """The keyword a base model's forward takes its cache under (`cache` from 5.24,
     `past_key_values` before and in some families)."""
@@ -274,15 +279,18 @@ def _remote_attention(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("attention runs on the servers: a distributed model has no local layers")
 
 
-def use_remote_attention(model: PreTrainedModel) -> None:
-    """Sets `model` (and its sub-models) to attention that never runs locally."""
+def use_remote_attention(model: PreTrainedModel) -> str | None:
+    """Sets `model` (and its sub-models) to attention that never runs locally; returns the
+    implementation it had (None: unchanged, the family takes no attention backend)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(REMOTE_ATTENTION, _remote_attention)
+    before = model.config._attn_implementation
     try:
         model.set_attn_implementation(REMOTE_ATTENTION)
-    except (ValueError, ImportError):  # a family that takes no attention backend: it keeps its
-        pass  # own (its masks are then built, unread; only slower)
+    except (ValueError, ImportError):
+        return None
+    return before
 
 
 def causal_lm_output(
@@ -373,6 +381,7 @@ __all__ = [
     "GENERATION_CACHE_NAME",
     "RemoteCacheHooks",
     "base_forward_cache_arg",
+    "cache_keyword",
     "cache_layer_types",
     "cache_view",
     "causal_lm_model_types",

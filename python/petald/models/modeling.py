@@ -35,6 +35,7 @@ from petald.client import RemoteSequential, SwarmClient, remote_forward
 from petald.hf_internals import (
     GENERATION_CACHE_NAME,
     RemoteCacheHooks,
+    cache_keyword,
     pop_cache,
     rebuild_non_persistent_buffers,
     use_remote_attention,
@@ -130,13 +131,21 @@ class DistributedModelForCausalLM(
 
     def attach(self, transformer_blocks: RemoteSequential, layers_path: str) -> None:
         """Replaces the decoder layers at `layers_path` with proxies to `transformer_blocks`."""
-        self.remote_layers = RemoteLayers.install(self, layers_path, self.base_model)
-        use_remote_attention(self)  # no masks are built for layers that are not here
+        # The module whose forward loops over the layers (`model` of `model.layers`): its output
+        # is the last hidden state (after the final norm).
+        owner = self.get_submodule(layers_path.rpartition(".")[0])
+        self.remote_layers = RemoteLayers.install(self, layers_path, owner)
+        # No masks built for layers that are not here, where the family's forward runs without
+        # them (MPT's does not: it keeps its own attention setting).
+        default = use_remote_attention(self)
+        if not self.remote_layers.probe(owner) and default is not None:
+            self.set_attn_implementation(default)
+            self.remote_layers.probe(owner)
         self.transformer_blocks = transformer_blocks
         self._sessions: list[RemoteCache] = []  # open inference_session()s, innermost last
         self._client: SwarmClient | None = None  # closed with the model when we started it
         self._final_hidden: list[torch.Tensor] = []  # the base model's output, when asked
-        self.base_model.register_forward_hook(self._keep_final_hidden)
+        owner.register_forward_hook(self._keep_final_hidden)
         # MoE routers run on the servers: their logits (and an auxiliary loss) are not here.
         for config in {id(c): c for c in (self.config, self.config.get_text_config())}.values():
             if getattr(config, "output_router_logits", False):
@@ -266,19 +275,21 @@ class DistributedModelForCausalLM(
 
         ref = input_ids if input_ids is not None else inputs_embeds
         assert ref is not None
-        past = past_key_values.get_seq_length() if step else 0  # type: ignore[union-attr]
-        family_positions = position_ids
-        if family_positions is None:  # what the family's forward would take with a local cache
-            family_positions = torch.arange(past, past + ref.shape[1], device=ref.device)[None]
+        accepted, cache_arg = _signature(type(self))
+        # The family's forward gets what the caller gave, and in a step our RemoteCache as its
+        # cache: it then computes positions (learned position embeddings, positions from the
+        # padding mask) from what the session holds, exactly as with a local cache; it never
+        # writes to it (its layers are the proxies) and builds no masks (remote attention).
         family_kwargs = dict(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
-            position_ids=family_positions,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
             labels=labels,
-            use_cache=False,
+            use_cache=step,
+            **{cache_arg: past_key_values if step else None},
             **{k: v for k, v in kwargs.items() if k not in _OWN_KWARGS},
         )
-        accepted = _keywords(type(self))
         if accepted is not None:
             family_kwargs = {k: v for k, v in family_kwargs.items() if k in accepted}
         self._final_hidden[:] = [ref] if every else []
@@ -331,10 +342,12 @@ class DistributedModelForCausalLM(
 
 
 @cache
-def _keywords(cls: type) -> frozenset[str] | None:
-    """The keywords the family's forward takes (None: it takes any, through **kwargs)."""
+def _signature(cls: type) -> tuple[frozenset[str] | None, str]:
+    """The keywords the family's forward takes (None: any, through **kwargs), and the one it
+    takes its cache under."""
     family_forward = super(DistributedModelForCausalLM, cls).forward  # type: ignore[misc]
     params = inspect.signature(family_forward).parameters
+    cache_arg = cache_keyword(family_forward) or GENERATION_CACHE_NAME
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return frozenset(params)
+        return None, cache_arg
+    return frozenset(params), cache_arg

@@ -49,6 +49,27 @@ class RemoteLayers:
         self.n_layers = n_layers
         self.returns_tuple = returns_tuple
         self._call: _Call | None = None
+        self._probe: list[torch.Tensor] | None = None
+
+    def probe(self, base: nn.Module) -> bool:
+        """Runs the family's loop once on the meta device (free: the model's weights are still
+        there) to see how it hands one layer's output to the next: a tensor as is, or a tuple
+        it takes [0] of. Sets `returns_tuple` and returns True, or False if the forward does not
+        run on meta or has one layer (the guess from its source then stands)."""
+        if self.n_layers < 2:
+            return False
+        self._probe = []
+        ids = torch.zeros((1, 2), dtype=torch.long, device="meta")
+        try:
+            base(input_ids=ids, use_cache=False)
+        except _ProbeDone as done:
+            self.returns_tuple = done.returns_tuple
+            return True
+        except Exception:  # ops that need values, families that need other inputs
+            return False
+        finally:
+            self._probe = None
+        return False
 
     @classmethod
     def install(cls, model: nn.Module, layers_path: str, base: nn.Module) -> RemoteLayers:
@@ -81,6 +102,11 @@ class RemoteLayers:
             )
 
     def layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self._probe is not None:  # the first proxy returns a tensor; what reaches the next?
+            if index == 0:
+                self._probe.append(hidden)
+                return hidden
+            raise _ProbeDone(returns_tuple=hidden is not self._probe[0])
         call = self._call
         if call is None:
             raise RuntimeError("decoder layer proxies run only inside the distributed forward")
@@ -104,6 +130,11 @@ class RemoteLayers:
         return call.handed  # without `every`, the first proxy returned the last block's output
 
 
+class _ProbeDone(Exception):  # control flow, not an error
+    def __init__(self, returns_tuple: bool) -> None:
+        self.returns_tuple = returns_tuple
+
+
 class LayerProxy(nn.Module):
     """Stands where decoder layer `index` was; takes whatever the family's loop passes."""
 
@@ -117,7 +148,7 @@ class LayerProxy(nn.Module):
         if not isinstance(hidden, torch.Tensor):
             raise RuntimeError(f"decoder layer {self.index} was not given a hidden-state tensor")
         out = self.remote.layer(self.index, hidden)
-        return (out,) if self.remote.returns_tuple else out
+        return (out,) if self.remote.returns_tuple and self.remote._probe is None else out
 
     # Straight to forward: a decode step calls every proxy, and nn.Module's call machinery
     # (hooks) costs microseconds each.

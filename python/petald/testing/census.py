@@ -23,6 +23,7 @@ from petald.hf_internals import causal_lm_model_types
 from petald.server import load_span
 
 ATOL = 1e-5  # float32
+LOGITS_ATOL = 1e-4  # float32 logits: larger than hidden states (a vocabulary-wide projection)
 MAX_PARAMETERS = 12_000_000  # a tiny model; bigger ones are sub-configs left at their defaults
 VOCAB = 256
 LAYERS = 4
@@ -75,7 +76,8 @@ SPECIAL: dict[str, dict[str, Any]] = {
     "gpt_neo": dict(attention_types=[[["global", "local"], LAYERS // 2]]),
     "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=0),
     "dbrx": dict(
-        d_model=64, n_heads=4, n_layers=LAYERS, attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+        d_model=64, n_heads=4, n_layers=LAYERS,
+        attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
         ffn_config=dict(ffn_hidden_size=96, moe_num_experts=4, moe_top_k=2),
     ),
 }  # fmt: skip
@@ -207,6 +209,31 @@ def check(model_type: str, workdir: Path) -> Outcome:
             x = io[0][:, pos : pos + 1]
             outs.append(span.step(x, cache, pos, attention_mask=mask[:, : pos + 1]))
         close("cached steps", torch.cat(outs, dim=1), io[-1], real)
+    return check_client(model_type, model, workdir, span)
+
+
+def check_client(model_type: str, model: PreTrainedModel, workdir: Path, span: Any) -> Outcome:
+    """The client half of a served family: the distributed model (the family's own class, its
+    layers remote) around the span gives the transformers model's logits on a left-padded
+    batch and its greedy tokens through a KV-cache session; or the client refuses the family
+    (a ValueError) with the reason."""
+    from petald.models import DistributedModelForCausalLM
+    from petald.models.auto import build as build_client
+    from petald.testing.local_blocks import LocalBlocks
+
+    ids, mask = batch()
+    try:
+        client = build_client(DistributedModelForCausalLM, workdir, LocalBlocks(span))
+    except ValueError as e:
+        return Outcome("refused", "client: " + _one_line(e).replace(str(workdir), "the checkpoint"))
+    real = mask.bool()
+    with torch.no_grad():
+        got, want = client(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+    err = (got[real] - want[real]).abs().max().item()
+    assert err <= LOGITS_ATOL, f"{model_type} client logits wrong: max error {err:.3g}"
+    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    got_ids, want_ids = client.generate(ids, **kw), model.generate(ids, **kw)
+    assert got_ids.tolist() == want_ids.tolist(), f"{model_type} client generates other tokens"
     return Outcome("served")
 
 

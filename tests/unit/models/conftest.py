@@ -24,12 +24,11 @@ from transformers import (
     Qwen3Config,
 )
 
-from petald.client import SessionStats
 from petald.models import DistributedModelForCausalLM
 from petald.models.auto import build
-from petald.server.blocks import Span
 from petald.server.loading import load_span
 from petald.testing.family_configs import MORE_FAMILIES, tiny_family_config
+from petald.testing.local_blocks import LocalBlocks
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
@@ -46,57 +45,6 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "bloom": lambda: BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=3, n_head=4),
 }
 CONFIGS.update({t: (lambda t=t: tiny_family_config(t)) for t in MORE_FAMILIES})
-
-
-class LocalSession:
-    """`InferenceSession`'s interface over a `SpanCache`."""
-
-    def __init__(self, span: Span, max_length: int, batch: int) -> None:
-        self.span, self.batch, self.max_length = span, batch, max_length
-        self.cache = span.new_cache(batch, max_length)
-        self.position = 0
-        self.stats = SessionStats()
-        self.closed = False
-
-    def step(self, hidden, attention_mask=None, position_ids=None, *, reorder=None):
-        if reorder is not None:
-            self.cache.reorder(torch.as_tensor(reorder, dtype=torch.long))
-        out = self.span.step(
-            hidden,
-            self.cache,
-            self.position,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-        )
-        self.position += hidden.shape[1]
-        self.stats.steps += 1
-        return out
-
-    def rollback(self, position: int) -> None:
-        self.position = position
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class LocalBlocks:
-    """`RemoteSequential`'s interface over a whole-model `Span`."""
-
-    def __init__(self, span: Span) -> None:
-        self.span = span
-        self.sessions: list[LocalSession] = []
-
-    def __call__(self, hidden, attention_mask=None, position_ids=None):
-        return self.forward(hidden, attention_mask, position_ids)
-
-    def forward(self, hidden, attention_mask=None, position_ids=None, *, all_hidden=False):
-        return self.span.forward(
-            hidden, attention_mask=attention_mask, position_ids=position_ids, all_hidden=all_hidden
-        )
-
-    def inference_session(self, max_length: int, batch: int = 1) -> LocalSession:
-        self.sessions.append(LocalSession(self.span, max_length, batch))
-        return self.sessions[-1]
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Every causal-LM family of the installed transformers, as a tiny random model
 (`petald.testing.census`): its blocks are served exactly (forward on a left-padded batch, blocks
 0:2 then 2:4, a cached prefill and two steps: within 1e-5 of the transformers model's last
-decoder-layer output, float32) or refused with a ValueError. A wrong answer or any other
-exception fails. The README's "Model support" table is this census:
+decoder-layer output, float32), and run exactly by the client around those blocks (logits
+within 1e-4, greedy tokens through an inference session), or refused with a ValueError. A wrong
+answer or any other exception fails. The README's "Model support" table is this census:
 `python -m petald.testing.census` prints it."""
 
 from __future__ import annotations
