@@ -65,6 +65,19 @@ test-py *args:
 test-swarm *args:
     "{{py}}" -m pytest tests/swarm {{args}}
 
+# Every family of petald.testing.family_configs end to end through two `petald serve` processes
+# each (three families, six servers, at a time).
+test-families:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    families=$("{{py}}" -c "from petald.testing.family_configs import MORE_FAMILIES as f; print(' '.join(f))")
+    set -- $families
+    while [ $# -gt 0 ]; do
+        batch="$1"; shift
+        for _ in 1 2; do [ $# -gt 0 ] && { batch="$batch,$1"; shift; }; done
+        PETALD_FAMILIES="$batch" "{{py}}" -m pytest -q tests/swarm/test_families.py
+    done
+
 # The exactness tests on the newest releases of transformers, torch and every other dependency
 # (uv.lock and the upper bounds ignored), in a throwaway .venv-latest: an upgrade is a command,
 # not a surprise. README: "Upgrading transformers".
