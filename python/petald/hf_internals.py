@@ -29,8 +29,9 @@ import copy
 import importlib
 import inspect
 import pkgutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -279,18 +280,21 @@ def _remote_attention(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("attention runs on the servers: a distributed model has no local layers")
 
 
-def use_remote_attention(model: PreTrainedModel) -> str | None:
-    """Sets `model` (and its sub-models) to attention that never runs locally; returns the
-    implementation it had (None: unchanged, the family takes no attention backend)."""
+@contextmanager
+def remote_attention(config: PretrainedConfig) -> Iterator[None]:
+    """While inside, `config` (and its sub-configs) names attention that never runs locally: a
+    distributed model's forward runs in this. Only then: a local model built from the same
+    config (`LlamaForSequenceClassification(model.config)`) keeps its real attention."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(REMOTE_ATTENTION, _remote_attention)
-    before = model.config._attn_implementation
+    if REMOTE_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(REMOTE_ATTENTION, _remote_attention)
+    before = config._attn_implementation
+    config._attn_implementation = REMOTE_ATTENTION
     try:
-        model.set_attn_implementation(REMOTE_ATTENTION)
-    except (ValueError, ImportError):
-        return None
-    return before
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def causal_lm_output(
@@ -393,10 +397,10 @@ __all__ = [
     "import_lazy_modules",
     "pop_cache",
     "rebuild_non_persistent_buffers",
+    "remote_attention",
     "reorder_layer",
     "sequence_classification_loss",
     "sequence_classifier_output",
     "shares_kv_across_layers",
     "span_cache",
-    "use_remote_attention",
 ]

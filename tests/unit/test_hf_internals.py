@@ -176,19 +176,27 @@ def test_rebuild_non_persistent_buffers_gives_from_pretrained_values() -> None:
 
 
 def test_remote_attention_builds_no_masks_and_runs_no_attention() -> None:
-    """The client's forward builds no masks for its (remote) layers, even with padding and
-    explicit positions, and a local attention call would fail loudly."""
+    """Inside `remote_attention` the forward builds no masks for its (remote) layers, even with
+    padding and explicit positions, and a local attention call fails loudly; after it, the
+    config names its own attention again (a local model built from it must work)."""
     model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
-    hf.use_remote_attention(model)
+    own = model.config._attn_implementation
     seen: list[object] = []
     model.model.layers[0].register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
     )
     ids = torch.tensor([[0, 0, 5, 6], [3, 4, 5, 6]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    with pytest.raises(RuntimeError, match="attention runs on the servers"):
-        model(ids, attention_mask=mask, position_ids=torch.tensor([[1, 1, 0, 1], [0, 1, 2, 3]]))
+    positions = torch.tensor([[1, 1, 0, 1], [0, 1, 2, 3]])
+    with (
+        hf.remote_attention(model.config),
+        pytest.raises(RuntimeError, match="attention runs on the servers"),
+    ):
+        model(ids, attention_mask=mask, position_ids=positions)
     assert seen == [None]
+    assert model.config._attn_implementation == own
+    model(ids, attention_mask=mask, position_ids=positions)  # its own attention, a real mask
+    assert seen[1] is not None
 
 
 def test_causal_lm_model_types() -> None:

@@ -25,6 +25,7 @@ search inside one needs `batch=num_beams`; outside a session every generate() op
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from functools import cache
 from typing import Any
 
@@ -38,7 +39,7 @@ from petald.hf_internals import (
     cache_keyword,
     pop_cache,
     rebuild_non_persistent_buffers,
-    use_remote_attention,
+    remote_attention,
 )
 from petald.models.cache import RemoteCache
 from petald.models.finetune import FineTuningMixin
@@ -137,9 +138,9 @@ class DistributedModelForCausalLM(
         self.remote_layers = RemoteLayers.install(self, layers_path, owner)
         # No masks built for layers that are not here, where the family's forward runs without
         # them (MPT's does not: it keeps its own attention setting).
-        default = use_remote_attention(self)
-        if not self.remote_layers.probe(owner) and default is not None:
-            self.set_attn_implementation(default)
+        with remote_attention(self.config):
+            self._remote_attention = self.remote_layers.probe(owner)
+        if not self._remote_attention:
             self.remote_layers.probe(owner)
         self.transformer_blocks = transformer_blocks
         self._sessions: list[RemoteCache] = []  # open inference_session()s, innermost last
@@ -293,8 +294,9 @@ class DistributedModelForCausalLM(
         if accepted is not None:
             family_kwargs = {k: v for k, v in family_kwargs.items() if k in accepted}
         self._final_hidden[:] = [ref] if every else []
+        no_masks = remote_attention(self.config) if self._remote_attention else nullcontext()
         try:
-            with self.remote_layers.call(run, every) as call:
+            with self.remote_layers.call(run, every) as call, no_masks:
                 out = super().forward(**family_kwargs)
             final = self._final_hidden[0] if every else None
         finally:
