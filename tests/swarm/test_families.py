@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from petald import AutoDistributedModelForCausalLM
 from petald.client import ClientConfig, SwarmClient
 from petald.testing import Processes
-from petald.testing.family_configs import MORE_FAMILIES, tiny_family_config
+from petald.testing.family_configs import MORE_FAMILIES, padded_batch, tiny_family_config
 
 pytestmark = pytest.mark.slow
 
@@ -70,12 +70,7 @@ def client(checkpoints, tmp_path_factory) -> Iterator[SwarmClient]:
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 128, (2, 7), generator=gen)
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :2] = 0
-    ids[1, :2] = 0
-    return ids, mask
+    return padded_batch(7, 2, low=3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

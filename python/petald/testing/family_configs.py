@@ -6,6 +6,8 @@ absolute position embeddings added at the model level, parallel residuals."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import AutoConfig, PretrainedConfig
 
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -43,3 +45,15 @@ MORE_FAMILIES: dict[str, dict[str, object]] = {
 def tiny_family_config(model_type: str, **overrides: object) -> PretrainedConfig:
     """The tiny config of `model_type` (a key of MORE_FAMILIES)."""
     return AutoConfig.for_model(model_type, **{**GENERIC, **MORE_FAMILIES[model_type], **overrides})
+
+
+def padded_batch(seq: int, pad: int, *, low: int = 1, seed: int = 1) -> tuple[Any, Any]:
+    """Two sequences of `seq` token ids in [low, 128), the second left-padded by `pad` (id 0,
+    mask 0): (ids, attention_mask)."""
+    import torch
+
+    ids = torch.randint(low, 128, (2, seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    return ids, mask

@@ -12,6 +12,7 @@ import torch
 from petald.models import DistributedModelForCausalLM, RemoteCache, served_layers
 from petald.models.checkpoint import model_name
 from petald.testing.family_configs import MORE_FAMILIES
+from petald.testing.family_configs import padded_batch as family_padded_batch
 
 FAMILIES = [
     "llama",
@@ -29,12 +30,7 @@ TOL = 1e-5
 
 
 def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 128, (2, 8), generator=gen)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, :3] = 0
-    ids[1, :3] = 0
-    return ids, mask
+    return family_padded_batch(8, 3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
