@@ -40,6 +40,11 @@ from petald.wire.protocols import (
 
 # The same strings as petald.server.handlers/inference (client/ must not import server/).
 
+# Bytes of a server's session token (petald.server.push.TOKEN_BYTES).
+SESSION_TOKEN_BYTES = 16
+# Answers to earlier steps a stream may hold before the one awaited (see `receive_step`).
+MAX_STALE_ANSWERS = 2
+
 # (peer_id, protocol) -> a new stream to that peer; raises PeerUnavailable.
 StreamOpener = Callable[[str, TProtocol], Awaitable[Any]]
 
@@ -129,19 +134,27 @@ async def exchange(
     timeout: float,
     codec: str = "none",
     ok: bool = True,
-    stamps: list[int] | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Writes one message and reads the answer; error replies raise `RemoteError`. Not
-    cancel-safe for the stream: after a timeout or cancellation it must be reset. `stamps`
-    (petald.wire.trace): gets the times before and after the write, when the answer's header
-    was in, and when its tensors were decoded."""
+    cancel-safe for the stream: after a timeout or cancellation it must be reset."""
     try:
         with trio.fail_after(timeout):
-            if stamps is not None:
-                stamps.append(trace.now())
             await write_message(stream, header, tensors, codec=codec)
-            if stamps is not None:
-                stamps.append(trace.now())
+    except trio.TooSlowError:
+        raise PeerUnavailable(f"{peer}: could not send within {timeout:.1f} s", peer=peer) from None
+    except Exception as e:  # py-libp2p reports a broken stream in many types
+        raise PeerUnavailable(f"{peer}: {type(e).__name__}: {e}", peer=peer) from None
+    return await _read_reply(stream, peer, timeout, None, ok=ok)
+
+
+async def _read_reply(
+    stream: Any, peer: str, timeout: float, stamps: list[int] | None, *, ok: bool = True
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Reads one answer within `timeout`; error replies raise `RemoteError`. `stamps`
+    (petald.wire.trace): gets the times when the answer's header was in and when its tensors
+    were decoded."""
+    try:
+        with trio.fail_after(timeout):
             reply, out = await read_message(stream, stamps=stamps)
             if stamps is not None:
                 stamps.append(trace.now())
@@ -243,14 +256,22 @@ async def call_backward(
 
 class InferenceStream:
     """One server's part of an inference session: `open`, then `step`s, then `close`. Steps
-    are sequential (one request in flight per stream, as the protocol has no ids in flight)."""
+    are sequential (one request in flight per stream, as the protocol has no ids in flight).
+    In pass-on mode a step is `send_step` to every server of the route, then `receive_step`
+    from each in order (petald.server.push)."""
 
-    def __init__(self, stream: Any, peer: str, blocks: BlockRange, timeout: float) -> None:
+    def __init__(
+        self, stream: Any, peer: str, blocks: BlockRange, timeout: float, token: bytes | None
+    ) -> None:
         self.stream = stream
         self.peer = peer
         self.blocks = blocks
         self.timeout = timeout
+        # The server's session token, which lets another server push into this session; None
+        # where the server does not take pushes.
+        self.token = token
         self.closed = False
+        self._stamps: list[int] | None = None
 
     @classmethod
     async def open(
@@ -274,11 +295,13 @@ class InferenceStream:
             "codec": codec,
         }
         try:
-            await exchange(stream, peer, header, [], timeout=timeout)
+            reply, _ = await exchange(stream, peer, header, [], timeout=timeout)
         except BaseException:
             await close_stream(stream, reset=True)
             raise
-        return cls(stream, peer, blocks, timeout)
+        token = reply.get("session")
+        token = token if isinstance(token, bytes) and len(token) == SESSION_TOKEN_BYTES else None
+        return cls(stream, peer, blocks, timeout, token)
 
     async def step(
         self,
@@ -295,31 +318,91 @@ class InferenceStream:
         length rolls its cache back first, and `reorder` (one index per sequence) reorders the
         cache along the batch before that (beam search). `tuning` (over this stream's blocks)
         applies to this step only. Any failure leaves the stream reset and closed."""
+        await self.send_step(
+            step_id,
+            position,
+            hidden,
+            mask=mask,
+            positions=positions,
+            reorder=reorder,
+            tuning=tuning,
+        )
+        output, _ = await self.receive_step(step_id, position, hidden)
+        return output
+
+    async def send_step(
+        self,
+        step_id: int,
+        position: int,
+        hidden: torch.Tensor | None,
+        *,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        reorder: list[int] | None = None,
+        tuning: Tuning | None = None,
+        upstream: str | None = None,
+        next_hop: InferenceStream | None = None,
+    ) -> None:
+        """Sends a step; `hidden` None: the server takes it from `upstream`'s push. `next_hop`:
+        the server pushes its output into that session too."""
         if self.closed:
             raise PeerUnavailable(f"{self.peer}: session stream is closed", peer=self.peer)
-        stamps = [trace.now()] if trace.ENABLED else None
-        tensors = [hidden]
+        self._stamps = [trace.now()] if trace.ENABLED else None
+        tensors = [] if hidden is None else [hidden]
         header = {"step": step_id, "position": position, **_extras(tensors, mask, positions)}
         header |= _tuned(tensors, tuning)
         if reorder is not None:
             header["reorder"] = reorder
-        if stamps is not None:
+        if upstream is not None:
+            header["upstream"] = upstream
+        if next_hop is not None and next_hop.token is not None:
+            header["next"] = {"peer": next_hop.peer, "session": next_hop.token}
+        if self._stamps is not None:
             header["trace"] = True
+        stamps = self._stamps
         try:
-            reply, out = await exchange(
-                self.stream, self.peer, header, tensors, timeout=self.timeout, stamps=stamps
-            )
-            want = position + hidden.shape[1]
-            if reply.get("step") != step_id or reply.get("position") != want:
+            with trio.fail_after(self.timeout):
+                if stamps is not None:
+                    stamps.append(trace.now())
+                await write_message(self.stream, header, tensors)
+                if stamps is not None:
+                    stamps.append(trace.now())
+        except trio.TooSlowError:
+            await self.close(reset=True)
+            raise PeerUnavailable(f"{self.peer}: could not send a step", peer=self.peer) from None
+        except Exception as e:  # py-libp2p reports a broken stream in many types
+            await self.close(reset=True)
+            raise PeerUnavailable(f"{self.peer}: {type(e).__name__}: {e}", peer=self.peer) from None
+        except BaseException:
+            await self.close(reset=True)
+            raise
+
+    async def receive_step(
+        self, step_id: int, position: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, bool]:
+        """The answer to step `step_id` (its output, shaped like `like`), and whether the
+        server pushed it on. Answers to earlier steps still in the stream are skipped: a
+        server that got a step's hidden state both pushed and from us answers twice."""
+        stamps = self._stamps
+        want = position + like.shape[1]
+        try:
+            for _ in range(MAX_STALE_ANSWERS + 1):
+                reply, out = await _read_reply(self.stream, self.peer, self.timeout, stamps)
                 got = (reply.get("step"), reply.get("position"))
-                raise BadReply(self.peer, f"step/position {got}, expected {(step_id, want)}")
-            output = _check_tensor(self.peer, out, hidden)
+                if type(got[0]) is int and got[0] < step_id:
+                    continue
+                if got != (step_id, want):
+                    raise BadReply(self.peer, f"step/position {got}, expected {(step_id, want)}")
+                break
+            else:
+                raise BadReply(self.peer, "too many answers to earlier steps")
+            output = _check_tensor(self.peer, out, like)
             if stamps is not None:
                 # c: entered, before write, after write, reply header in, decoded, checked.
                 stamps.append(trace.now())
                 record = {"kind": "hop", "peer": self.peer, "blocks": str(self.blocks)}
                 trace.RECORDS.append({**record, "c": stamps, **trace.server_stamps(reply)})
-            return output
+            return output, reply.get("pushed") is True
         except RemoteError as e:
             if e.is_bad_input:  # the session is still good on the server
                 raise

@@ -20,13 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import multiaddr
 import torch
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
 
 from petald.client.routing import PeerBans, RoutePlanner, RoutingPolicy, missing_blocks
 from petald.client.rpc import call_info
@@ -59,6 +57,10 @@ class ClientConfig:
     step_timeout: float = 30.0  # seconds for one inference step's answer
     max_attempts: int = 6  # servers tried for one hop before giving up
     codec: str = "none"  # how servers encode their answers
+    # Inference steps through several servers: each server pushes its output straight to the
+    # next one (petald.server.push), one network leg per hop instead of two; False: the client
+    # relays every hop's output itself (as servers that take no pushes are always used).
+    pass_activations: bool = True
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
 
     def __post_init__(self) -> None:
@@ -263,27 +265,10 @@ class SwarmClient:
         `PeerUnavailable` within `connect_timeout`."""
         assert self.stack is not None
         entry = self.view.get(peer_id)
-        addrs = []
-        for a in entry.info.addrs if entry else ():
-            # Direct addresses are dialed without the /p2p/ suffix the servers announce with;
-            # circuit addresses keep it (the relay transport needs the destination).
-            text = a if "/p2p-circuit" in a else a.removesuffix(f"/p2p/{peer_id}")
-            try:
-                addrs.append(multiaddr.Multiaddr(text))
-            except Exception:  # an announced address we cannot parse: skip it
-                continue
-        try:
-            peer = ID.from_base58(peer_id)
-            with trio.fail_after(self.config.connect_timeout):
-                await self.stack.dialer.ensure_connected(peer, addrs)
-                return await self.stack.host.host.new_stream(peer, [protocol])
-        except trio.TooSlowError:
-            msg = f"{peer_id}: no stream within {self.config.connect_timeout:.0f} s"
-            raise PeerUnavailable(msg, peer=peer_id) from None
-        except PetaldError as e:
-            raise PeerUnavailable(str(e), peer=peer_id) from None
-        except Exception as e:  # py-libp2p dial and negotiation errors come in many types
-            raise PeerUnavailable(f"{peer_id}: {type(e).__name__}: {e}", peer=peer_id) from None
+        addrs = entry.info.addrs if entry else ()
+        return await self.stack.dialer.open_stream(
+            peer_id, addrs, protocol, timeout=self.config.connect_timeout
+        )
 
     def check_adapter(self, model: str, adapter: str | None) -> None:
         """Raises `RoutingError` saying which adapters `model`'s servers have when none of them

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,7 @@ class Failover:
 @dataclass
 class SessionStats:
     steps: int = 0
+    passed_on: int = 0  # hops whose input the previous server pushed (the client relayed none)
     failovers: list[Failover] = field(default_factory=list)
 
     @property
@@ -249,21 +251,30 @@ class InferenceSession:
             self._links = await self._open(self.blocks)
         attempts = self.client.config.max_attempts
         inputs: dict[int, torch.Tensor] = {}
+        step_id = self._next_id()
+        request = {"mask": full_mask, "positions": step_positions}
+
+        def extras(link: _Link) -> dict:
+            return request | {
+                "reorder": order if id(link) in to_reorder else None,
+                "tuning": self._tuning_for(link.hop.blocks, pos),
+            }
+
+        # Links whose server has this step's hidden state coming (sent by us, or pushed by the
+        # previous server); the others are sent it when their turn comes.
+        in_flight: set[int] = set()
+        waiting: set[int] = set()  # sent the step without it, to take the previous one's push
+        if self._passes_on():
+            in_flight, waiting = await self._send_passing_on(step_id, pos, hidden, extras)
         x, i = hidden, 0
         while i < len(self._links):  # advances i or spends an attempt: bounded
             link = self._links[i]
             inputs[link.hop.blocks.start] = x
             t0 = trio.current_time()
             try:
-                y = await link.stream.step(
-                    self._next_id(),
-                    pos,
-                    x,
-                    mask=full_mask,
-                    positions=step_positions,
-                    reorder=order if id(link) in to_reorder else None,
-                    tuning=self._tuning_for(link.hop.blocks, pos),
-                )
+                if id(link) not in in_flight:
+                    await link.stream.send_step(step_id, pos, x, **extras(link))
+                y, pushed = await link.stream.receive_step(step_id, pos, x)
             except Exception as e:
                 if not is_server_failure(e):
                     raise
@@ -273,7 +284,10 @@ class InferenceSession:
                 await self._failover(i, e, t0)
                 continue
             self.client.bans.succeeded(link.hop.peer_id)
+            self.stats.passed_on += i > 0 and id(link) in in_flight
             x, i = y, i + 1
+            if pushed and i < len(self._links) and id(self._links[i]) in waiting:
+                in_flight.add(id(self._links[i]))
         # Commit: the history grows by this step's inputs at every boundary of the route.
         self._history = {
             b: torch.cat([self._history[b], inp], 1) if pos else inp for b, inp in inputs.items()
@@ -284,6 +298,46 @@ class InferenceSession:
         if stamps is not None:
             stamps.append(trace.now())
         return x
+
+    def _passes_on(self) -> bool:
+        """Whether servers pass this step's activations on: a route of several hops whose
+        servers all take pushes, unless the client is configured to relay every hop."""
+        links = self._links
+        return (
+            self.client.config.pass_activations
+            and len(links) > 1
+            and all(link.stream.token is not None for link in links)
+        )
+
+    async def _send_passing_on(
+        self, step_id: int, pos: int, hidden: torch.Tensor, extras: Callable[[_Link], dict]
+    ) -> tuple[set[int], set[int]]:
+        """Sends the step to every server of the route: the hidden state to the first, to the
+        others only the rest (each takes its input from the previous one's push), and each
+        but the last the next one's session to push into. Returns (in flight, waiting) by link
+        identity. A server that cannot be sent to is left out of both: the receive loop sends
+        it the step itself (and fails over if need be)."""
+        in_flight: set[int] = set()
+        waiting: set[int] = set()
+        links = self._links
+        for i, link in enumerate(links):
+            upstream = links[i - 1].hop.peer_id if i else None
+            next_hop = links[i + 1].stream if i + 1 < len(links) else None
+            try:
+                await link.stream.send_step(
+                    step_id,
+                    pos,
+                    None if i else hidden,
+                    upstream=upstream,
+                    next_hop=next_hop,
+                    **extras(link),
+                )
+            except Exception as e:
+                if not is_server_failure(e):
+                    raise
+                continue
+            (waiting if i else in_flight).add(id(link))
+        return in_flight, waiting
 
     def _tuning_for(self, blocks: BlockRange, position: int) -> Tuning | None:
         """This session's tuning over one hop, detached; deep prompts only while the step

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn
+from libp2p.abc import IHost, INetConn, INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -154,6 +155,35 @@ class Dialer:
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(peer, None)
+
+    async def open_stream(
+        self, peer_id: str, announced: Sequence[str], protocol: TProtocol, *, timeout: float
+    ) -> INetStream:
+        """A new stream to `peer_id`, dialing its `announced` addresses (as in its signed
+        announcement) if need be; raises `PeerUnavailable` within `timeout`. Clients open
+        their streams to servers this way, and servers theirs to the next server."""
+        addrs = []
+        for a in announced:
+            # Direct addresses are dialed without the /p2p/ suffix servers announce them with;
+            # circuit addresses keep it (the relay transport needs the destination).
+            text = a if "/p2p-circuit" in a else a.removesuffix(f"/p2p/{peer_id}")
+            try:
+                addrs.append(multiaddr.Multiaddr(text))
+            except Exception:  # an announced address we cannot parse: skip it
+                continue
+        try:
+            peer = ID.from_base58(peer_id)
+            with trio.fail_after(timeout):
+                await self.ensure_connected(peer, addrs)
+                return await self.host.new_stream(peer, [protocol])
+        except trio.TooSlowError:
+            raise PeerUnavailable(
+                f"{peer_id}: no stream within {timeout:.0f} s", peer=peer_id
+            ) from None
+        except PeerUnavailable as e:
+            raise PeerUnavailable(str(e), peer=peer_id) from None
+        except Exception as e:  # py-libp2p dial and negotiation errors come in many types
+            raise PeerUnavailable(f"{peer_id}: {type(e).__name__}: {e}", peer=peer_id) from None
 
     async def _dial(self, peer: ID, given: Sequence[multiaddr.Multiaddr]) -> INetConn:
         store = self.host.get_peerstore()

@@ -14,14 +14,18 @@ import logging
 import time
 
 import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 
 from petald import __version__
+from petald.errors import PeerUnavailable
 from petald.server import throughput
 from petald.server.executor import TRAINING, Executor, WorkerProcess
 from petald.server.handlers import BlockHandlers, Limits
 from petald.server.inference import InferenceSessions
 from petald.server.memory import CacheBudget, default_budget
 from petald.server.placement import choose_span, should_move
+from petald.server.push import PUSH_OPEN_TIMEOUT
 from petald.server.serve_config import ServeConfig, worker_spec
 from petald.server.startup import stamp
 from petald.stack import Stack
@@ -118,7 +122,7 @@ class BlockServer:
         handlers = BlockHandlers(executor, c.model, budget, limits=Limits())
         handlers.throughput = await self._throughput(executor, worker)
         stamp("daemon.throughput")
-        sessions = InferenceSessions(handlers)
+        sessions = InferenceSessions(handlers, self._open_to_server)
         host = self.stack.host.host
         handlers.register(host)
         sessions.register(host)
@@ -131,6 +135,18 @@ class BlockServer:
             await self.stack.announcer.wait_published(online)
         stamp("daemon.published")
         log.info("online: %s blocks %s, %.0f tokens/s", c.model, span, handlers.throughput)
+
+    async def _open_to_server(self, peer_id: str, protocol: TProtocol) -> INetStream:
+        """A stream to another server, for pushes: only to a server this one knows from the
+        swarm's signed announcements, at the addresses it announced (a client names the peer;
+        it cannot make us dial an address of its choosing)."""
+        announcer = self.stack.announcer
+        entry = announcer.view.get(peer_id) if announcer is not None else None
+        if entry is None:
+            raise PeerUnavailable(f"{peer_id} is not a server of this swarm", peer=peer_id)
+        return await self.stack.dialer.open_stream(
+            peer_id, entry.info.addrs, protocol, timeout=PUSH_OPEN_TIMEOUT
+        )
 
     @staticmethod
     def _default_budget(worker: dict) -> int:
