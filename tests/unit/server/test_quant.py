@@ -5,6 +5,7 @@ cache path still works, fused MoE experts stay unquantized, and bad modes are re
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -112,17 +113,76 @@ def test_kv_cache_steps_match_the_quantized_forward(mode, saved_model, hidden_of
     assert _rel_error(stepped, hs[3]) < MAX_REL_ERROR[mode]  # and near the real model
 
 
+# Input gradients of a quantized span against the same span with each Linear holding its
+# dequantized weight, relative to the blocks' part of the gradient (the gradient minus the
+# residual path's cotangent), at real tokens. The quantized backward multiplies by the very same
+# dequantized weights, so what differs is only how the forward computed the points where the
+# nonlinearities are differentiated: LLM.int8() quantizes each activation row to int8 (steps of
+# max/127) and multiplies in float16 -> 1/127, one int8 step, as the bound (measured 0.0029);
+# NF4 dequantizes and multiplies in float32 like the reference -> float32 rounding, 100 eps
+# (measured: bit-exact).
+MAX_GRAD_REL_ERROR = {"int8": 1 / 127, "nf4": 100 * torch.finfo(torch.float32).eps}
+
+
+def _dequantized_weight(linear: nn.Module) -> torch.Tensor:
+    if isinstance(linear, bnb.nn.Linear8bitLt):  # int8 rows, one float scale per row (absmax)
+        scb = getattr(linear.weight, "SCB", None)
+        scb = linear.state.SCB if scb is None else scb  # moved to `state` on the first forward
+        return linear.weight.data.float() * scb.float()[:, None] / 127
+    return bnb.functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state).float()
+
+
 @pytest.mark.parametrize("mode", QUANTIZED)
 def test_quantized_span_gives_input_gradients(mode, saved_model, hidden_of, batch):
+    """The input gradient of a quantized span is the transformers model's through the span's
+    dequantized weights, and near the unquantized model's (within the forward's MAX_REL_ERROR). The cotangent `g` is fixed
+    and random, so the residual path alone contributes exactly `g`: errors are measured relative
+    to the blocks' part, grad - g (here 1.3-1.6 |g|).
+    Catches: a no-op backward through the layers or through the quantized Linear layers (the
+    residual-only gradient g: relative error 1; both tried), a backward through other weights than the quantized ones (the unquantized ones: int8
+    0.010, nf4 0.15-0.19)."""
     model, path = saved_model("llama")
     span = load_span(path, (0, 2), progress=False, quant=mode)
+    # The references are the transformers model itself (blocks 0:2 of it), and a copy of it
+    # whose Linear layers in those blocks hold the span's dequantized weights.
+    unquantized_model = copy.deepcopy(model).requires_grad_(False)  # no weight gradients
+    dequantized = copy.deepcopy(unquantized_model)
+    quantized = dict(span.layers.named_modules())
+    replaced = 0
+    for name, module in dequantized.model.layers[:2].named_modules():
+        if isinstance(module, nn.Linear):
+            with torch.no_grad():
+                module.weight.copy_(_dequantized_weight(quantized[name]))
+            replaced += 1
+    assert replaced == 14  # 7 Linear layers per block
     ids, mask = batch
-    hidden = hidden_of(model, ids, mask)[0].clone().requires_grad_()
+    hidden = hidden_of(model, ids, mask)[0]
+    real = mask.bool()
+    g = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0)) * mask[..., None]
 
-    span(hidden, attention_mask=mask).pow(2).sum().backward()
+    def input_grad(run) -> torch.Tensor:
+        x = hidden.clone().requires_grad_()
+        run(x).backward(g)
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        return x.grad[real]
 
-    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
-    assert hidden.grad.abs().sum() > 0
+    def blocks_0_2(reference):
+        def run(x):
+            out = reference(inputs_embeds=x, attention_mask=mask, output_hidden_states=True)
+            return out.hidden_states[2]
+
+        return run
+
+    got = input_grad(lambda x: span(x, attention_mask=mask))
+    via_dequantized = input_grad(blocks_0_2(dequantized))
+    unquantized = input_grad(blocks_0_2(unquantized_model))
+    blocks_part = (via_dequantized - g[real]).norm()
+    assert blocks_part > 0.5 * g[real].norm()  # the blocks, not the residual, shape the gradient
+    error = ((got - via_dequantized).norm() / blocks_part).item()
+    print(f"llama {mode}: input gradient vs dequantized weights, relative error {error:.2e}")
+    assert error <= MAX_GRAD_REL_ERROR[mode]
+    far = ((got - unquantized).norm() / (unquantized - g[real]).norm()).item()
+    assert far < MAX_REL_ERROR[mode]
 
 
 def test_nf4_shapes_the_avx512_bf16_cpu_kernel_cannot_hold_run_on_such_a_cpu(monkeypatch):
