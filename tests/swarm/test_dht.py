@@ -1,12 +1,18 @@
-"""The DHT across 8 real daemons: a record put through one is read through every other; forged,
-tampered and expired records are refused; malformed requests leave a daemon serving."""
+"""The DHT across 8 real daemons run with k = 2 (`--dht-k 2`), so 8 > 3k: each daemon's table
+holds at most 2 peers per bucket, a record lives on the 2 peers closest to its key only, and a
+lookup from any peer has to iterate (ask, learn closer peers, ask them). Records are stored on
+the right peers and read through every daemon; a dead contact leaves a routing table by the
+bucket refresh; forged, tampered and expired records are refused; malformed requests leave a
+daemon serving."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,38 +20,144 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
+from petald.dht.node import DhtConfig, DhtNode
 from petald.dht.records import SignedRecord, sign_record
 from petald.dht.rpc import DhtRpc
 from petald.errors import PeerUnavailable, RemoteError
 from petald.p2p.config import P2PConfig
 from petald.p2p.host import P2PHost
-from petald.testing import DaemonProcess, petald_json, petald_json_many
+from petald.p2p.identity import load_or_create_identity
+from petald.stack import build_stack
+from petald.testing import DaemonProcess, Processes, petald_json
 from petald.wire.kad_messages import PROTOCOL_ID, DhtRecord, KadMessage, MessageType
 
 pytestmark = pytest.mark.slow
 
+K = 2  # 8 daemons > 3k: no peer knows every other, no record is on every peer
+FAST_REFRESH = 1.0  # s: the refresh interval of the one daemon whose table the refresh test reads
+OBSERVER = 1  # that daemon's index
 
-def test_record_put_on_one_is_read_from_every_other(
+
+@pytest.fixture(scope="module")
+def swarm8(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DaemonProcess]]:
+    """8 `petald node --dht-k 2` daemons (the conftest's swarm8 runs k = 20, where every daemon
+    stores everything). The others refresh at the default 10 minutes: no background lookups."""
+    tmp = tmp_path_factory.mktemp("swarm8k2")
+    k = ("--dht-k", str(K))
+    with Processes() as owned:
+        first = owned.start("node", "--new-swarm", *k, identity=tmp / "node0.key")
+        rest = []
+        for i in range(1, 8):
+            refresh = ("--dht-refresh-interval", str(FAST_REFRESH)) if i == OBSERVER else ()
+            rest.append(
+                owned.spawn(
+                    "node",
+                    "--initial-peers",
+                    first.addr,
+                    *k,
+                    *refresh,
+                    identity=tmp / f"node{i}.key",
+                )
+            )
+        for d in rest:
+            d.wait_ready(90)
+        yield [first, *rest]
+
+
+def _position(raw: bytes) -> int:
+    """A record key's or a peer id's place in the key space (petald.dht.node.kad_key), written
+    out here so the test does not trust the code under test for it."""
+    return int.from_bytes(hashlib.sha256(raw).digest(), "big")
+
+
+def _peer_bytes(d: DaemonProcess) -> bytes:
+    return ID.from_base58(d.peer_id).to_bytes()
+
+
+def _closest(swarm: list[DaemonProcess], key: bytes, n: int) -> list[DaemonProcess]:
+    return sorted(swarm, key=lambda d: _position(_peer_bytes(d)) ^ _position(key))[:n]
+
+
+def _key_stored_away_from(swarm: list[DaemonProcess], via: DaemonProcess) -> bytes:
+    """A record key whose k closest daemons do not include `via` (3 tries in 4 do)."""
+    for i in range(100):
+        key = f"model-x/block/{i}".encode()
+        if via not in _closest(swarm, key, K):
+            return key
+    raise AssertionError("no key away from the bootstrap daemon in 100 tries")
+
+
+async def _client_knowing_only(nursery: trio.Nursery, daemon: DaemonProcess) -> DhtNode:
+    """A DHT client (petald's own stack, client mode, k = 2) whose routing table holds `daemon`
+    alone: the stack is started without its bootstrap self-lookup, which would fill the table
+    and could make a later lookup a one-round affair."""
+    config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=(daemon.addr,))
+    stack = build_stack(
+        create_new_key_pair(),
+        config,
+        dht_config=DhtConfig(k=K, client_mode=True),
+        announcements=False,
+    )
+    await nursery.start(stack.host.run)
+    await nursery.start(stack.relay.run)
+    await nursery.start(stack.dialer.run)
+    await stack.host.join()
+    stack.dht.table.update(_peer_bytes(daemon), trio.current_time())
+    assert len(stack.dht.table) == 1
+    return stack.dht
+
+
+def test_record_lives_on_the_k_closest_and_is_found_through_every_daemon(
     swarm8: list[DaemonProcess], identity: Path
 ) -> None:
+    """`petald dht put --dht-k 2` through a daemon that is not among the key's 2 closest: the
+    record is acknowledged by 2 peers, which are exactly the 2 closest by XOR distance (asked
+    one by one with GET_VALUE; the other 6 hold nothing). Then an in-process DHT client that
+    knows one daemon only (its table's one entry) finds the key's 2 closest peers and reads the
+    record, through each of the 8: through the 6 that do not hold it, that takes at least two
+    rounds (the only seed has no record, so it came from a peer learned from an answer), and the
+    client's table has grown from the answers.
+
+    Catches: a lookup that stops after its seeds (no record through the 6); a wrong distance or
+    a reversed closest() (the record lands on other peers, find_peers differs); replication that
+    ignores k (acked 8)."""
+    via = swarm8[3]
+    key = _key_stored_away_from(swarm8, via)
+    holders = _closest(swarm8, key, K)
     put = petald_json(
         "dht",
         "put",
-        "model-x/block/12",
+        key.decode(),
         "served",
+        "--dht-k",
+        str(K),
         "--initial-peers",
-        swarm8[3].addr,
+        via.addr,
         "--identity",
         str(identity),
     )
-    # k = 20 > 8 daemons: every daemon is among the closest and stores it.
-    assert put["acked"] == len(swarm8), put
-    gets = petald_json_many(
-        [["dht", "get", "model-x/block/12", "--initial-peers", d.addr] for d in swarm8]
-    )
-    for d, got in zip(swarm8, gets, strict=True):
-        values = [(r["publisher"], r["value"]) for r in got["records"]]
-        assert values == [(put["record"]["publisher"], "served")], (d.peer_id, got)
+    assert put["acked"] == K, put
+    publisher = ID.from_base58(put["record"]["publisher"]).to_bytes()
+    expected = [_peer_bytes(d) for d in holders]
+
+    async def main() -> None:
+        host, rpc = await _client(swarm8)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            await host.join()
+            stored = {d.peer_id: [r.value for r in await _get(rpc, d, key)] for d in swarm8}
+            assert stored == {d.peer_id: [b"served"] if d in holders else [] for d in swarm8}
+            nursery.cancel_scope.cancel()
+        for d in swarm8:
+            async with trio.open_nursery() as nursery:
+                dht = await _client_knowing_only(nursery, d)
+                assert await dht.find_peers(key) == expected, d.peer_id
+                found = await dht.get(key)
+                assert [(r.subkey, r.value) for r in found] == [(publisher, b"served")], d.peer_id
+                assert len(dht.table) > 1, d.peer_id  # it learned peers from answers
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 async def _client(swarm: list[DaemonProcess]) -> tuple[P2PHost, DhtRpc]:
@@ -77,6 +189,93 @@ async def _put_raw(rpc: DhtRpc, daemon: DaemonProcess, key: bytes, value: bytes)
         return True
     except (RemoteError, PeerUnavailable):
         return False
+
+
+def _bucket(a: bytes, b: bytes) -> int:
+    """Index of the k-bucket `b` falls in, in `a`'s routing table."""
+    return (_position(a) ^ _position(b)).bit_length() - 1
+
+
+def _identity_in_bucket(path: Path, of: bytes, bucket: int) -> bytes:
+    """Writes a key file whose peer id falls in `bucket` of `of`'s table; returns that id."""
+    for _ in range(1 << 16):
+        pair = create_new_key_pair()
+        peer = ID.from_pubkey(pair.public_key).to_bytes()
+        if _bucket(of, peer) == bucket:
+            path.write_bytes(pair.private_key.serialize())
+            path.chmod(0o600)
+            assert load_or_create_identity(path)[0].public_key == pair.public_key
+            return peer
+    raise AssertionError(f"no identity in bucket {bucket} in 65536 tries")
+
+
+async def _table_holds(rpc: DhtRpc, daemon: DaemonProcess, peer: bytes) -> bool:
+    """Whether `peer` is a contact in `daemon`'s routing table, read from outside: a FIND_NODE
+    for `peer`'s own id answers with the daemon's contacts closest to it, `peer` first."""
+    answer = await rpc.request(
+        ID.from_base58(daemon.peer_id), KadMessage(MessageType.FIND_NODE, key=peer)
+    )
+    return peer in [p.peer_id for p in answer.closer_peers]
+
+
+async def _wait_until(
+    what: str, check: Callable[[], Awaitable[bool]], timeout: float, poll: float = 0.2
+) -> None:
+    """Polls `check` until it holds; fails with `what` after `timeout` s."""
+    with trio.move_on_after(timeout):
+        while not await check():
+            await trio.sleep(poll)
+        return
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def test_bucket_refresh_drops_a_dead_contact(
+    swarm8: list[DaemonProcess], procs: Processes, tmp_path: Path
+) -> None:
+    """A 9th daemon D whose id falls in a bucket of the observer O's table that no other peer
+    is in (nearer O than any of them) joins through O, becomes O's contact there, and is
+    killed. Nothing else ever asks O's table about that bucket; O runs `--dht-refresh-interval
+    1`, so its refresh looks up a key in the stale bucket, asks D, and after the table's 5
+    failures in a row (no replacement waits in that bucket) D is no longer O's contact. Read
+    through O's FIND_NODE answers, from outside.
+
+    Catches: a refresh loop that looks nothing up, skips due buckets or never marks a contact
+    failed (D stays in O's table: timeout); refresh_interval not reaching the daemon (600 s)."""
+    observer = swarm8[OBSERVER]
+    o = _peer_bytes(observer)
+    nearest = min(_bucket(o, _peer_bytes(d)) for d in swarm8 if d is not observer)
+    dead = _identity_in_bucket(tmp_path / "dead.key", o, nearest - 1)
+
+    async def main() -> None:
+        host, rpc = await _client(swarm8)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            await host.join()
+            d = procs.start(
+                "node",
+                "--initial-peers",
+                observer.addr,
+                "--dht-k",
+                str(K),
+                identity=tmp_path / "dead.key",
+            )
+            assert ID.from_base58(d.peer_id).to_bytes() == dead
+            await _wait_until(
+                "D in O's table", lambda: _table_holds(rpc, observer, dead), timeout=30
+            )
+            d.kill()
+            await _wait_until(
+                "D dropped from O's table by the refresh",
+                lambda: _not(_table_holds(rpc, observer, dead)),
+                timeout=45,
+            )
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _not(check: Awaitable[bool]) -> bool:
+    return not await check
 
 
 async def test_forged_tampered_and_expired_records_are_refused(swarm8: list[DaemonProcess]) -> None:

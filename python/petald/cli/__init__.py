@@ -20,6 +20,7 @@ from petald.server.openmp import with_openmp_defaults
 from petald.server.startup import stamp
 
 if TYPE_CHECKING:  # importing py-libp2p costs ~2 s; `petald --help` should not pay it
+    from petald.dht.node import DhtConfig
     from petald.p2p.config import P2PConfig
 
 
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         "and addresses once reachable; stops cleanly on SIGINT/SIGTERM.",
     )
     add_p2p_args(node)
+    add_dht_args(node, refresh=True)
     dht = sub.add_parser("dht", help="read or write a record in a swarm's DHT (as a client)")
     dht.add_argument("op", choices=["get", "put"])
     dht.add_argument("key")
@@ -49,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     dht.add_argument("--ttl", type=float, default=600.0, help="seconds a put record lives")
     dht.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds per DHT request")
     add_p2p_args(dht, listen_default="/ip4/127.0.0.1/tcp/0")
+    add_dht_args(dht, refresh=False)
     ping = sub.add_parser(
         "ping",
         help="measure round trips to a peer over /petald/echo (direct or through a relay)",
@@ -156,6 +159,37 @@ def add_p2p_args(p: argparse.ArgumentParser, *, listen_default: str | None = Non
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
+def add_dht_args(p: argparse.ArgumentParser, *, refresh: bool) -> None:
+    p.add_argument(
+        "--dht-k",
+        type=int,
+        default=20,
+        metavar="K",
+        help="Kademlia bucket size and replication: records go to the K peers closest to "
+        "their key (default: 20; every peer of the swarm must use the same K)",
+    )
+    if refresh:
+        p.add_argument(
+            "--dht-refresh-interval",
+            type=float,
+            default=600.0,
+            metavar="SECONDS",
+            help="look up a random key in each routing-table bucket with no lookup for this "
+            "long (default: 600)",
+        )
+
+
+def dht_config(args: argparse.Namespace) -> DhtConfig:
+    from petald.dht.node import DhtConfig
+
+    if args.dht_k < 1:
+        raise ValueError("--dht-k must be at least 1")
+    refresh = getattr(args, "dht_refresh_interval", 600.0)
+    if not refresh > 0:
+        raise ValueError("--dht-refresh-interval must be positive")
+    return DhtConfig(k=args.dht_k, refresh_interval=refresh)
+
+
 def p2p_config(args: argparse.Namespace) -> P2PConfig:
     from petald.p2p.config import DEFAULT_LISTEN, P2PConfig
 
@@ -197,13 +231,19 @@ def main(argv: list[str] | None = None) -> int:
             from petald.daemon import main as daemon_main
 
             setup_logging(args.log_level)
-            return daemon_main(p2p_config(args))
+            return daemon_main(p2p_config(args), dht_config(args))
         if args.command == "dht":
             from petald.cli.dht import run as dht_run
 
             setup_logging(args.log_level)
             return dht_run(
-                p2p_config(args), args.op, args.key, args.value, args.ttl, args.rpc_timeout
+                p2p_config(args),
+                args.op,
+                args.key,
+                args.value,
+                args.ttl,
+                args.rpc_timeout,
+                k=args.dht_k,
             )
         if args.command == "serve":
             from petald.cli.serve import run as serve_run

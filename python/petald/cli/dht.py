@@ -34,7 +34,7 @@ def _record_json(r: SignedRecord) -> dict:
 
 
 async def _run(
-    config: P2PConfig, op: str, key: bytes, value: bytes, ttl: float, rpc_timeout: float
+    config: P2PConfig, op: str, key: bytes, value: bytes, ttl: float, rpc_timeout: float, k: int
 ) -> dict:
     if op == "put":
         key_pair, _ = load_or_create_identity(config.identity or default_identity_path())
@@ -47,7 +47,7 @@ async def _run(
             nursery,
             key_pair,
             config,
-            dht_config=DhtConfig(client_mode=True, rpc_timeout=rpc_timeout),
+            dht_config=DhtConfig(k=k, client_mode=True, rpc_timeout=rpc_timeout),
             announcements=False,
         )
         dht = stack.dht
@@ -63,7 +63,14 @@ async def _run(
 
 
 def run(
-    config: P2PConfig, op: str, key: str, value: str | None, ttl: float, rpc_timeout: float
+    config: P2PConfig,
+    op: str,
+    key: str,
+    value: str | None,
+    ttl: float,
+    rpc_timeout: float,
+    *,
+    k: int = 20,
 ) -> int:
     if not key:
         raise ValueError("the key must not be empty")
@@ -71,6 +78,6 @@ def run(
         raise ValueError("put needs a VALUE")
     if not 0 < ttl <= 24 * 3600:
         raise ValueError("--ttl must be between 0 and 86400 seconds")
-    result = trio.run(_run, config, op, key.encode(), (value or "").encode(), ttl, rpc_timeout)
+    result = trio.run(_run, config, op, key.encode(), (value or "").encode(), ttl, rpc_timeout, k)
     print(json.dumps(result), flush=True)
     return 0 if op == "get" or result["acked"] > 0 else 1
