@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
+from petald.client.history import History
 from petald.client.routing import Hop
 from petald.client.rpc import InferenceStream, is_server_failure
 from petald.client.runtime import SwarmClient
@@ -110,7 +111,7 @@ class InferenceSession:
         self._step_id = 0
         self._closed = False
         # Inputs of the cached tokens at each hop boundary: (batch, position, hidden).
-        self._history: dict[int, torch.Tensor] = {}
+        self._history = History()
         self._mask: torch.Tensor | None = None  # (batch, position); None: all ones
         self._positions: torch.Tensor | None = None  # (batch, position); None: 0..position-1
 
@@ -174,7 +175,7 @@ class InferenceSession:
         if not 0 <= position <= self._position:
             raise ValueError(f"cannot roll back to {position}: the session holds {self._position}")
         self._position = position
-        self._history = {b: h[:, :position] for b, h in self._history.items()}
+        self._history.truncate(position)
         if self._mask is not None:
             self._mask = self._mask[:, :position]
         if self._positions is not None:
@@ -222,7 +223,7 @@ class InferenceSession:
         """The history in the new batch order, as the servers' caches will hold it: a link
         replaced during this step is rebuilt from it and needs no reorder of its own."""
         index = torch.tensor(order)
-        self._history = {b: h.index_select(0, index) for b, h in self._history.items()}
+        self._history.reorder(index)
         if self._mask is not None:
             self._mask = self._mask.index_select(0, index)
         if self._positions is not None:
@@ -289,9 +290,7 @@ class InferenceSession:
             if pushed and i < len(self._links) and id(self._links[i]) in waiting:
                 in_flight.add(id(self._links[i]))
         # Commit: the history grows by this step's inputs at every boundary of the route.
-        self._history = {
-            b: torch.cat([self._history[b], inp], 1) if pos else inp for b, inp in inputs.items()
-        }
+        self._history.append(inputs)
         self._mask, self._positions = full_mask, full_positions
         self._position = pos + n
         self.stats.steps += 1
@@ -431,7 +430,7 @@ class InferenceSession:
         # Boundaries no longer in the route (none today: a hop is replaced over its own range)
         # would only hold memory.
         starts = {link.hop.blocks.start for link in self._links}
-        self._history = {b: h for b, h in self._history.items() if b in starts}
+        self._history.keep(starts)
         stall = trio.current_time() - t0
         new_route = [link.hop for link in links]
         self.stats.failovers.append(
@@ -456,10 +455,13 @@ class InferenceSession:
             return
         mask = self._mask[:, :pos] if self._mask is not None else None
         positions = self._positions[:, :pos] if self._positions is not None else None
-        x = self._history[links[0].hop.blocks.start]
+        x = self._history.get(links[0].hop.blocks.start)
         for link in links:
             start = link.hop.blocks.start
-            x = self._history.setdefault(start, x)
+            if start in self._history:
+                x = self._history.get(start)
+            else:
+                self._history.set(start, x)
             tuning = self._tuning_for(link.hop.blocks, 0)
             x = await link.stream.step(
                 self._next_id(), 0, x, mask=mask, positions=positions, tuning=tuning
