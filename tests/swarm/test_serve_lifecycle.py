@@ -13,6 +13,7 @@ import pytest
 import torch
 import trio
 
+from petald.server import throughput
 from petald.server.handlers import FORWARD_PROTOCOL, INFO_PROTOCOL
 from petald.server.inference import INFERENCE_PROTOCOL
 from petald.testing import DaemonProcess, Processes
@@ -38,24 +39,39 @@ async def info_of(server: DaemonProcess) -> dict:
 async def test_num_blocks_takes_the_unserved_blocks_and_announces_cached_throughput(
     model_dir: Path, tmp_path: Path, procs: Processes
 ) -> None:
+    """The first server finds an invalid cached value under its key and measures (then caches
+    what it measured, keeping the other entries); the second, with a span of the same size,
+    announces the cached value: a number planted there before it started, which no measurement
+    gives. Catches: the cache never read, never written, read under another key, or an invalid
+    (negative) cached value taken as the throughput."""
     cache = {"PETALD_CACHE_DIR": str(tmp_path / "cache")}
+    table_path = tmp_path / "cache" / "throughput.json"
+    # The compute process's view of a 2-block span (petald.server.worker's info).
+    worker = {"blocks": [0, 2], "device": "cpu", "dtype": "float32", "quant": "none"}
+    key = throughput.cache_key("lifecycle-llama", {**worker, "torch": torch.__version__})
+    other = key.replace("2 blocks", "3 blocks")
+    table_path.parent.mkdir()
+    table_path.write_text(json.dumps({key: -1.0, other: 7.0}))
     boot = procs.start("node", "--new-swarm", identity=tmp_path / "boot.key")
     first = procs.start(
         "serve", str(model_dir), "--blocks", "0:2", "--initial-peers", boot.addr,
         identity=tmp_path / "a.key", ready_timeout=120, env=cache,
     )  # fmt: skip
+    a = await info_of(first)
+    assert a["throughput"] > 0
+    assert json.loads(table_path.read_text()) == {key: a["throughput"], other: 7.0}
+    planted = 12345.5
+    table_path.write_text(json.dumps({key: planted, other: 7.0}))
     second = procs.start(
         "serve", str(model_dir), "--num-blocks", "2", "--initial-peers", boot.addr,
         identity=tmp_path / "b.key", ready_timeout=120, env=cache,
     )  # fmt: skip
-    a, b = await info_of(first), await info_of(second)
+    b = await info_of(second)
     assert a["blocks"] == [0, 2] and b["blocks"] == [2, 4]
     assert a["state"] == b["state"] == "online"
-    assert a["throughput"] > 0 and b["throughput"] > 0
-    print(f"throughput: 0:2 {a['throughput']:.0f} tokens/s, 2:4 {b['throughput']:.0f}")
-    table = json.loads((tmp_path / "cache" / "throughput.json").read_text())
-    # Both spans have 2 blocks of the same model, device and dtype: one measurement, cached.
-    assert len(table) == 1 and next(iter(table)).startswith("lifecycle-llama|2 blocks|cpu")
+    print(f"throughput: 0:2 {a['throughput']:.0f} tokens/s measured, 2:4 {b['throughput']} cached")
+    assert b["throughput"] == planted  # reused, not measured again
+    assert json.loads(table_path.read_text()) == {key: planted, other: 7.0}
 
 
 async def test_sigterm_drains_then_exits(model_dir: Path, tmp_path: Path, procs: Processes) -> None:
