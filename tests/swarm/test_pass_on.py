@@ -10,6 +10,7 @@ resumed over the new route."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
 from transformers import LlamaForCausalLM
 
 from petald import AutoDistributedModelForCausalLM
 from petald.client import ClientConfig, SwarmClient
 from petald.testing import DaemonProcess, Processes
 from petald.testing.models import save_tiny_llama
+from petald.testing.rpc import RawSession, rpc_peer
+from petald.wire.messages import read_message, write_message
+from petald.wire.protocols import INFERENCE_PROTOCOL, PUSH_PROTOCOL
 
 pytestmark = pytest.mark.slow
 
@@ -159,3 +164,58 @@ def test_config_is_a_plain_switch() -> None:
     config = ClientConfig(initial_peers=("/ip4/127.0.0.1/tcp/1",))
     assert config.pass_activations is True
     assert dataclasses.replace(config, pass_activations=False).pass_activations is False
+
+
+async def test_pushes_and_pass_on_fields_are_checked(tiny, swarm) -> None:
+    """A raw peer acts as the upstream server of a session on A (blocks 0:2): its push runs the
+    waiting step. Catches: pushes taken from a peer the client did not name (the step would run
+    on the stranger's hidden state), a push with a bad token or garbage taking the daemon down,
+    a pushed hidden state of the wrong shape computed instead of refused, malformed "next" and
+    "upstream" fields accepted, and a waiting step that hangs instead of taking the hidden
+    state from its client."""
+    server = swarm["A"]  # never killed (hs[2] would be after the final norm)
+    with torch.no_grad():
+        hs = tiny[1](torch.randint(1, 128, (1, 6)), output_hidden_states=True).hidden_states
+
+    async with rpc_peer(server) as (open_stream, me):
+        s = RawSession(await open_stream(INFERENCE_PROTOCOL))
+        opened, _ = await s.send({"batch": 1, "max_length": 16, "start": 0, "end": 2})
+        token = opened["session"]
+        assert isinstance(token, bytes) and len(token) == 16
+        bad = [
+            ({"step": 1, "position": 0, "next": {"peer": 5}}, "bad_next"),
+            ({"step": 1, "position": 0, "next": {"peer": "x", "session": b"1"}}, "bad_next"),
+            ({"step": 1, "position": 0, "upstream": 7}, "bad_step"),
+            ({"step": "1", "position": 0}, "bad_step"),
+        ]
+        for header, code in bad:
+            reply, _ = await s.send(header, [hs[0][:, :2]])
+            assert reply.get("error") == code, (header, reply)
+        # Garbage and a wrong token on the push protocol: the stream ends, the daemon serves on.
+        for first in ({"session": b"0" * 16}, {"session": "not bytes"}):
+            stranger = await open_stream(PUSH_PROTOCOL)
+            await write_message(stranger, first)
+            with trio.fail_after(30), contextlib.suppress(Exception):
+                assert not await stranger.read(65536)  # reset or closed: nothing is answered
+        push = await open_stream(PUSH_PROTOCOL)
+        await write_message(push, {"session": token})
+        # Named upstream: someone else. Our push must not run the step; the client (us again)
+        # then sends the hidden state itself, which supersedes the wait.
+        await write_message(s.stream, {"step": 1, "position": 0, "upstream": "QmSomeoneElse"})
+        await write_message(push, {"step": 1, "position": 0}, [hs[0][:, :2] + 1])
+        reply, (out,) = await s.send({"step": 1, "position": 0}, [hs[0][:, :2]])
+        assert reply["position"] == 2 and (out - hs[2][:, :2]).abs().max() < 1e-4
+        # Named upstream: us. A push of the wrong shape is refused, a good one computed.
+        await write_message(s.stream, {"step": 2, "position": 2, "upstream": me})
+        await write_message(push, {"step": 2, "position": 2}, [torch.randn(1, 1, 65)])
+        with trio.fail_after(30):
+            reply, _ = await read_message(s.stream)
+        assert reply.get("error") == "bad_shape", reply
+        await write_message(s.stream, {"step": 3, "position": 2, "upstream": me})
+        await write_message(push, {"step": 3, "position": 2}, [hs[0][:, 2:4]])
+        with trio.fail_after(30):
+            reply, (out,) = await read_message(s.stream)
+        assert reply["step"] == 3 and reply["position"] == 4
+        assert (out - hs[2][:, 2:4]).abs().max() < 1e-4
+        await write_message(s.stream, {"close": True})  # a session left open delays the drain
+        await push.reset()

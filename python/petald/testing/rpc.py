@@ -24,6 +24,13 @@ OpenStream = Callable[[str], Awaitable[Any]]
 @asynccontextmanager
 async def rpc_client(server: DaemonProcess) -> AsyncIterator[OpenStream]:
     """A DHT-client peer joined through `server`; yields `open(protocol)` -> a new stream to it."""
+    async with rpc_peer(server) as (open_stream, _):
+        yield open_stream
+
+
+@asynccontextmanager
+async def rpc_peer(server: DaemonProcess) -> AsyncIterator[tuple[OpenStream, str]]:
+    """`rpc_client`, also yielding the peer's own id: (open, peer id)."""
     config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=(server.addr,))
     async with trio.open_nursery() as nursery:
         stack = await start_stack(
@@ -37,7 +44,7 @@ async def rpc_client(server: DaemonProcess) -> AsyncIterator[OpenStream]:
         async def open_stream(protocol: str) -> Any:
             return await stack.host.host.new_stream(ID.from_base58(server.peer_id), [protocol])
 
-        yield open_stream
+        yield open_stream, stack.host.host.get_id().to_base58()
         nursery.cancel_scope.cancel()
 
 
