@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -118,10 +119,20 @@ def new_client(swarm, policy: RoutingPolicy | None = None) -> SwarmClient:
     return SwarmClient(config=config)
 
 
+@contextmanager
+def joined(swarm, policy: RoutingPolicy | None = None) -> Iterator[SwarmClient]:
+    """A client that knows A, B and C online and J joining: covering the blocks is not
+    enough, as a route planned before the client learns of B would never try B."""
+    with new_client(swarm, policy) as c:
+        for name in "ABC":
+            wait_view(c, swarm[name].peer_id, "online")
+        wait_view(c, swarm["J"].peer_id, "joining")
+        yield c
+
+
 @pytest.fixture(scope="module")
 def client(swarm) -> Iterator[SwarmClient]:
-    with new_client(swarm) as c:
-        c.wait_for_blocks(MODEL, SERVED, timeout=60)
+    with joined(swarm) as c:
         yield c
     assert not [t for t in threading.enumerate() if t.name == "petald-client"]
 
@@ -317,8 +328,7 @@ async def test_a_busy_server_is_left_for_another(swarm, reference, b_full, caplo
     caplog.set_level(logging.INFO, logger="petald.client")
 
     def run() -> tuple[list[torch.Tensor], list[str], set[str]]:
-        with new_client(swarm) as c:
-            c.wait_for_blocks(MODEL, SERVED, timeout=60)
+        with joined(swarm) as c:
             with seq_of(c).inference_session(max_length=16) as session:
                 outs = [session.step(hs[0][:, :4]), *steps(session, hs[0], range(4, 10))]
                 route = [h.peer_id for h in session.route]
@@ -334,8 +344,7 @@ async def test_a_busy_server_is_left_for_another(swarm, reference, b_full, caplo
 def open_without_c(swarm, reference) -> float:
     """Seconds until opening a session fails on a client that may not use C."""
     deny = RoutingPolicy(deny=frozenset(peers(swarm, "C")))
-    with new_client(swarm, deny) as c:
-        c.wait_for_blocks(MODEL, SERVED, timeout=60)
+    with joined(swarm, deny) as c:
         t0 = time.monotonic()
         with pytest.raises(RoutingError), seq_of(c).inference_session(max_length=16) as s:
             s.step(reference[0][:, :1])
@@ -380,8 +389,7 @@ def test_a_joining_server_is_not_routed_through_until_online(client, swarm, refe
     Let go, J comes online and the next session takes it: the setup would have seen a route
     through J.
 
-    Catches: the planner taking joining servers as eligible (RoutePlanner.eligible), or
-    wait_for_blocks counting them."""
+    Catches: the planner taking joining servers as eligible (RoutePlanner.eligible)."""
     hs = reference
     j = swarm["J"]
     wait_view(client, j.peer_id, "joining")
