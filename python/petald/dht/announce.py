@@ -107,7 +107,8 @@ class Announcer:
         self._view_changed = trio.Event()
 
     async def wait_until(self, predicate: Callable[[SwarmView], bool], *, timeout: float) -> None:
-        """Waits until `predicate(view)` holds, re-checking on every change of the view.
+        """Waits until `predicate(view)` holds, re-checking on every change of the view and
+        every rejected announcement (`rejected`).
         Raises `trio.TooSlowError` after `timeout` seconds."""
         with trio.fail_after(timeout):
             while not predicate(self.view):
@@ -128,10 +129,10 @@ class Announcer:
             if info.model != model:
                 raise AnnouncementError("announcement names another model")
         except RecordError as e:
-            self.rejected[e.reason] += 1
+            self._reject(e.reason)
             return False
         except AnnouncementError:
-            self.rejected["bad_announcement"] += 1
+            self._reject("bad_announcement")
             return False
         # The signed expiry orders one publisher's announcements: a later one expires later.
         entry = ServerEntry(
@@ -140,6 +141,12 @@ class Announcer:
         if self.view.update(entry, now=now):
             self._notify()
         return True
+
+    def _reject(self, reason: str) -> None:
+        # Counted, and waiters woken (`wait_until` re-checks its predicate): a test waits for
+        # a rejection like for any other change instead of guessing when the gossip arrived.
+        self.rejected[reason] += 1
+        self._notify()
 
     def _validator(self, model: str):
         def validate(_forwarder: ID, msg) -> bool:
