@@ -65,6 +65,10 @@ def serving(peer: Peer, start: int, end: int) -> ServerInfo:
 
 
 async def test_announcements_spread_late_joiners_catch_up_and_dead_servers_expire() -> None:
+    """Catches (garbage part): garbage gossip not validated, or dropped without being counted
+    (the wait for the count times out); the old check passed either way, its garbage never
+    left the publisher (whose own validator refused it) and the forged record's count before it
+    already satisfied the assertion."""
     async with trio.open_nursery() as nursery:
         boot = await start_peer(nursery, [])
         peers = [boot] + [await start_peer(nursery, [boot.addr]) for _ in range(4)]
@@ -90,16 +94,35 @@ async def test_announcements_spread_late_joiners_catch_up_and_dead_servers_expir
             servers[1].host.peer_id
         ]
 
-        # A forged announcement (signed by mallory, claiming alice's key space) is dropped.
+        # A forged announcement (signed by mallory, for another model's key) is refused.
         mallory = create_new_key_pair()
         forged = sign_record(
             mallory.private_key, model_key("other"), serving(boot, 0, 1).to_cbor(), time.time() + 60
         )
+        refused = late.announcer.rejected["bad_announcement"]
         assert not late.announcer.accept(forged.to_bytes(), MODEL, "gossip")
-        await boot.announcer.pubsub.publish(topic_for(MODEL), b"\x00garbage")
-        assert (
-            late.announcer.rejected["bad_announcement"] + late.announcer.rejected["malformed"] >= 1
-        )
+        assert late.announcer.rejected["bad_announcement"] == refused + 1
+
+        # Garbage gossip reaches the publisher's mesh peers, and each drops it, counted once as
+        # malformed. The publisher's own validator is set aside for it: a peer validates what it
+        # publishes itself too, so garbage from a regular peer never leaves it. Waiting for the
+        # count (a rejection wakes `wait_until`) confirms the delivery instead of assuming it.
+        sender, topic = servers[2], topic_for(MODEL)
+        mesh = {str(p) for p in sender.announcer.gossipsub.mesh.get(topic, ())}
+        receivers = [p for p in [*peers, late] if p.host.peer_id in mesh]
+        assert receivers, "the sender has no mesh peers for the topic"
+        malformed = [p.announcer.rejected["malformed"] for p in receivers]
+        own = sender.announcer.pubsub.topic_validators.pop(topic)
+        try:
+            await sender.announcer.pubsub.publish(topic, b"\x00garbage")
+        finally:
+            sender.announcer.pubsub.topic_validators[topic] = own
+        for p, n in zip(receivers, malformed, strict=True):
+            await p.announcer.wait_until(
+                lambda v, p=p, n=n: p.announcer.rejected["malformed"] > n, timeout=30
+            )
+        assert [p.announcer.rejected["malformed"] for p in receivers] == [n + 1 for n in malformed]
+        assert all(p.view_peers() <= ids for p in receivers)  # no entry came of it
 
         # Kill a server without a goodbye: its announcement expires everywhere within the ttl.
         dead = servers[0]
