@@ -97,7 +97,13 @@ class RemoteCache(Cache):
             self.token_ids = self.token_ids.index_select(0, index)
 
     def crop(self, max_length: int) -> None:
-        """Keeps the first `max_length` tokens (negative: drops that many from the end)."""
+        """Drops `-max_length` tokens from the end when negative; keeps the first `max_length`
+        when positive; 0 changes nothing. Transformers >= 5.23 calls `crop(-n)` with n the
+        draft tokens to drop after assisted decoding's verification, n = 0 included (all
+        accepted): reading 0 as "keep nothing" emptied the session and the next tokens were
+        computed without their context. Positive sizes are the older convention."""
+        if max_length == 0:
+            return
         position = self.get_seq_length()
         keep = position + max_length if max_length < 0 else min(max_length, position)
         self.rollback(max(keep, 0))

@@ -204,6 +204,7 @@ class DistributedModelForCausalLM(
                 owned = cache = self._new_cache()
         if cache is not None:
             kwargs[GENERATION_CACHE_NAME] = cache  # what this transformers' generate() reads
+        self._draft_overshoot = _draft_overshoot(kwargs, self.generation_config)
         if isinstance(cache, RemoteCache):
             mask = kwargs.get("attention_mask")
             ids = inputs if inputs is not None else kwargs.get("input_ids")
@@ -225,6 +226,9 @@ class DistributedModelForCausalLM(
                 f"{type(cache).__name__}: the KV cache of a distributed model is on the servers; "
                 "pass a model.inference_session(...) or no past_key_values"
             )
+        # Prompt-lookup drafts are not cut at generate()'s max_length: the verification step
+        # may hold that many tokens more (transformers drops them after).
+        max_cache_length += getattr(self, "_draft_overshoot", 0)
         if isinstance(cache, RemoteCache) and cache.max_length is None:
             cache.max_length = max_cache_length  # the session this generate() opened
         elif isinstance(cache, RemoteCache) and max_cache_length > cache.max_length:
@@ -353,3 +357,11 @@ def _signature(cls: type) -> tuple[frozenset[str] | None, str]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None, cache_arg
     return frozenset(params), cache_arg
+
+
+def _draft_overshoot(kwargs: dict[str, Any], default: Any) -> int:
+    """Tokens a prompt-lookup draft may run past generate()'s max_length (its draft length;
+    an assistant model's drafts stop at max_length)."""
+    config = kwargs.get("generation_config") or default
+    n = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+    return int(n) if isinstance(n, int) and n > 0 else 0
