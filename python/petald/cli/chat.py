@@ -62,6 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50, help="(default: 50; 0: off)")
     p.add_argument("--seed", type=int, help="seed the sampler, for repeatable answers")
     p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="speculative decoding: draft N tokens per step from the conversation itself and "
+        "verify them in one trip through the swarm (same answers; faster when the answer "
+        "repeats text, e.g. code edits or quotes; default: 0, off)",
+    )
+    p.add_argument(
         "--max-length",
         type=int,
         default=4096,
@@ -80,6 +89,7 @@ def conversation_config(args: argparse.Namespace, *, sampling=None):  # -> Conve
             top_k=args.top_k,
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
+            prompt_lookup=getattr(args, "prompt_lookup", 0),
         )
     if args.servers < 1:
         raise ValueError("--servers must be at least 1")

@@ -45,7 +45,10 @@ def test_sampling_flags() -> None:
         "top_k": 5,
         "max_new_tokens": 9,
     }
-    for bad in [{"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"max_new_tokens": 0}]:
+    drafted = Sampling(greedy=True, prompt_lookup=8).generate_kwargs()
+    assert drafted["prompt_lookup_num_tokens"] == 8
+    bad_flags = [{"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"max_new_tokens": 0}]
+    for bad in [*bad_flags, {"prompt_lookup": -1}, {"prompt_lookup": 65}]:
         with pytest.raises(ValueError):
             Sampling(**bad)
 
