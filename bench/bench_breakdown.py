@@ -102,7 +102,10 @@ def traced_session(boot: str, source: Path, n_blocks: int, hidden: int) -> list[
     """Runs a prefill and STEPS one-token steps; returns, per decode step after WARMUP, its
     records (hops, then the step)."""
     trace.RECORDS.clear()
-    with SwarmClient(config=ClientConfig(initial_peers=(boot,))) as client:
+    # Client-driven: each hop's parts are then one request and its answer. (Passing on, a
+    # hop's request is sent before its input exists; bench_wan measures that mode.)
+    config = ClientConfig(initial_peers=(boot,), pass_activations=False)
+    with SwarmClient(config=config) as client:
         name = model_name(source)
         client.wait_for_blocks(name, n_blocks, timeout=120)
         seq = RemoteSequential(client, name, n_blocks)

@@ -10,11 +10,14 @@ float32, CPU), measured in the same run:
 2. Failover: a third server holds 15:30 too. Mid-generation the server of 15:30 that the session
    uses is killed with SIGKILL; the session replays its history into the replica. The text must
    equal the uninterrupted run's; the stall (from the failed call to the rebuilt cache) is printed.
+3. Prefill: time to first token of a 512-token prompt with servers passing activations on
+   against the client relaying every hop (target: not slower).
 
 Run: `.venv/bin/python bench/bench_client.py` (about 3 minutes on 2 cores, most of it start-up)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +38,7 @@ from petald.testing import DaemonProcess, spawn_daemon, start_daemon, stop_all
 from petald.testing.models import smollm2_gguf
 
 NEW_TOKENS = 48
+PREFILL_TOKENS = 512
 ROUNDS = 3
 KILL_AFTER = 12  # tokens generated before the failover run's server is killed
 QUESTION = "Write a short poem about the sea and the wind."
@@ -142,10 +146,13 @@ def main() -> None:
         local = LocalProcess()
         try:
             config = ClientConfig(initial_peers=(boot.addr,), step_timeout=60)
-            with SwarmClient(config=config) as client:
+            relaying = dataclasses.replace(config, pass_activations=False)
+            with SwarmClient(config=config) as client, SwarmClient(config=relaying) as relay:
                 model = AutoDistributedModelForCausalLM.from_pretrained(gguf, client=client)
                 step = compare(local, model, ids)
                 failover(model, ids, local.run(ids)[0], servers, step)
+                plain = AutoDistributedModelForCausalLM.from_pretrained(gguf, client=relay)
+                prefill(model, plain, tokenizer)
         finally:
             local.close()
             stop_all([*servers.values(), boot])
@@ -202,6 +209,28 @@ def failover(model, ids: torch.Tensor, want: torch.Tensor, servers, step: float)
         f"uninterrupted run: {same}"
     )
     assert same
+
+
+def prefill(passing, relaying, tokenizer) -> None:
+    """Time to first token of a 512-token prompt, servers passing activations on against the
+    client relaying every hop (no regression in prefill: a 1.2 MB hidden state per hop goes to
+    the next server and to the client)."""
+    text = " ".join(["The wind moved over the sea and the waves answered it."] * 60)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :PREFILL_TOKENS]
+    times: dict[str, list[float]] = {"relay": [], "pass": []}
+    for r in range(ROUNDS + 1):  # the first round warms up
+        for mode, model in (("relay", relaying), ("pass", passing)):
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, do_sample=False)
+            if r:
+                times[mode].append(time.perf_counter() - t0)
+    relay, passed = (statistics.median(times[m]) for m in ("relay", "pass"))
+    print(
+        f"time to first token, {ids.shape[1]}-token prompt (median of {ROUNDS}): client "
+        f"relaying {1e3 * relay:.0f} ms, servers passing on {1e3 * passed:.0f} ms "
+        f"({passed / relay:.2f}x; target <= 1.0x)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

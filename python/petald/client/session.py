@@ -8,7 +8,13 @@ fit), it is banned, its hop's blocks are planned again (possibly over several se
 servers' caches are rebuilt by replaying that history as one prefill, and the step goes on from
 that hop: outputs equal an uninterrupted run's up to float rounding. Each failover's stall (time
 lost) is logged at INFO and kept in `stats`. A session is used from one thread at a time.
-Entry point: `RemoteSequential.inference_session`."""
+
+Servers passing activations on (petald.server.push; `ClientConfig.pass_activations`): a step is
+sent to every server of the route at once, the hidden state only to the first; each server
+pushes its output into the next one's session and answers us too (that answer is the next
+hop's history). Where a server did not push (or failed), the client sends the next one its
+input itself, superseding the wait, and goes on as above. Entry point:
+`RemoteSequential.inference_session`."""
 
 from __future__ import annotations
 
