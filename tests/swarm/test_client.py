@@ -9,6 +9,7 @@ and a session whose server is SIGKILLed mid-session goes on with identical outpu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import threading
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny-llama-5"
 SERVED = 4  # blocks 0:4 of 5
+SPANS = {"A": (0, 2), "B": (1, 4), "C": (2, 4)}
 TOL = 1e-5
 
 
@@ -47,7 +49,8 @@ def swarm(tiny_llama, tmp_path_factory) -> Iterator[dict[str, DaemonProcess]]:
     with Processes() as procs:
         boot = procs.start("node", "--new-swarm", identity=tmp / "boot.key")
         servers: dict[str, DaemonProcess] = {}
-        for name, blocks in [("A", "0:2"), ("B", "1:4"), ("C", "2:4")]:
+        for name, (start, end) in SPANS.items():
+            blocks = f"{start}:{end}"
             servers[name] = procs.spawn(
                 "serve",
                 str(path),
@@ -108,6 +111,8 @@ def err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_forward_matches_local_layers_whole_and_sliced(client, tiny_llama) -> None:
+    """Catches (routes): a trace that records another tensor than each hop's input (the
+    backward replays it), hops that overlap or leave a gap, a hop outside its server's span."""
     _, model = tiny_llama
     seq = RemoteSequential(client, MODEL, 5, end=SERVED)
     assert len(seq) == 4 and len(seq[1:3]) == 2 and seq[-1].blocks.start == 3
@@ -124,6 +129,14 @@ def test_forward_matches_local_layers_whole_and_sliced(client, tiny_llama) -> No
         times.append(time.perf_counter() - t0)
         routes.add(tuple(str(b) for b, _ in trace.hops))
         assert err(out, hs[4]) < TOL, trace.hops
+        # The route: contiguous hops from block 0 to 4, each inside one server's span (none
+        # holds 0:4), and each hop's input the reference hidden state of its first block.
+        hops = [b for b, _ in trace.hops]
+        assert len(hops) >= 2 and hops[0].start == 0 and hops[-1].end == SERVED, hops
+        assert all(a.end == b.start for a, b in itertools.pairwise(hops)), hops
+        assert all(any(s <= h.start < h.end <= e for s, e in SPANS.values()) for h in hops), hops
+        for h, x in trace.hops:
+            assert err(x, hs[h.start]) < TOL, h
         sub = seq[1:3].forward(hs[1], mask)
         assert err(sub, hs[3]) < TOL
     print(
