@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -230,6 +231,12 @@ class SwarmClient:
         return self.bans.banned(trio.current_time())
 
     def ban(self, peer: str, error: BaseException, *, at_least: float = 0.0) -> None:
+        """Leaves `peer` out of routes for a while (PeerBans), at least `at_least` s and at
+        least the `retry_after` a busy server asked for (bounded by the bans' cap: it is the
+        peer's word)."""
+        retry = getattr(error, "retry_after", None)
+        if isinstance(retry, float) and math.isfinite(retry):
+            at_least = max(at_least, retry)
         seconds = self.bans.ban(peer, trio.current_time(), at_least=at_least)
         self.rtts.pop(peer, None)
         log.info("banned %s for %.0f s: %s", peer, seconds, error)

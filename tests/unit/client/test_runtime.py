@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import pytest
 import torch
+import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
@@ -85,3 +86,20 @@ def test_loop_thread_torch_makes_no_thread_team() -> None:
     # Only that thread changed: this one, and a thread started afterwards, keep the default.
     assert torch.get_num_threads() == main_threads
     assert in_thread(torch.get_num_threads) == main_threads
+
+
+async def test_a_busy_server_is_banned_for_its_retry_after() -> None:
+    """Catches: retry_after ignored (the first ban is PeerBans' 5 s), a hostile retry_after
+    (infinite, NaN, huge) taken as is instead of the bans' cap."""
+    from petald.errors import RemoteError
+
+    client = SwarmClient(config=ClientConfig(initial_peers=("/ip4/127.0.0.1/tcp/1",)))
+    now = trio.current_time()
+    client.ban("busy", RemoteError("busy", "busy", "full", retry_after=120.0))
+    client.ban("plain", RemoteError("plain", "internal", "oops"))
+    for name, value in (("inf", float("inf")), ("nan", float("nan")), ("huge", 1e12)):
+        client.ban(name, RemoteError(name, "busy", "full", retry_after=value))
+    until = {p: t - now for p, t in client.bans._until.items()}
+    assert 120 <= until["busy"] < 121 and 5 <= until["plain"] < 6
+    assert until["huge"] <= client.bans.cap + 1
+    assert until["inf"] < 6 and until["nan"] < 6  # not numbers: ignored
