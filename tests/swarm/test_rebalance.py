@@ -20,6 +20,7 @@ from petald.client import ClientConfig, RemoteSequential, SwarmClient
 from petald.testing import DaemonProcess, Processes
 from petald.testing.hold import compute_pid, held_compute_env, resume, wait_stopped
 from petald.testing.models import save_tiny_llama
+from petald.testing.views import wait_for_entry
 
 pytestmark = pytest.mark.slow
 
@@ -48,20 +49,8 @@ def last_block_output(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tenso
     return seen[0]
 
 
-def wait_state(client: SwarmClient, peer: str, state: str, blocks: tuple[int, int], timeout=120):
-    """Until the client's view has `peer` in `state` over `blocks` (on every view change)."""
-
-    def holds(view) -> bool:
-        e = view.get(peer)
-        if e is None or e.info.state != state:
-            return False
-        return (e.info.blocks.start, e.info.blocks.end) == blocks
-
-    async def wait() -> None:
-        assert client.stack is not None and client.stack.announcer is not None
-        await client.stack.announcer.wait_until(holds, timeout=timeout)
-
-    client.run(wait)
+def wait_state(client: SwarmClient, peer: str, state: str, blocks: tuple[int, int]) -> None:
+    wait_for_entry(client, MODEL, peer, state, blocks, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ from petald.testing import DaemonProcess, Processes
 from petald.testing.hold import compute_pid, held_compute_env, pause, resume, wait_stopped
 from petald.testing.models import save_tiny_llama
 from petald.testing.rpc import RawSession, exchange, rpc_client
+from petald.testing.views import wait_for_entry
 from petald.wire.messages import write_message
 from petald.wire.protocols import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 
@@ -167,17 +168,7 @@ def banned(client: SwarmClient) -> set[str]:
 
 
 def wait_view(client: SwarmClient, peer: str, state: str, timeout: float = 60) -> None:
-    """Until the client's view has `peer` in `state` (on every change of the view, bounded)."""
-
-    def holds(view) -> bool:
-        entry = view.get(peer)
-        return entry is not None and entry.info.state == state
-
-    async def wait() -> None:
-        assert client.stack is not None and client.stack.announcer is not None
-        await client.stack.announcer.wait_until(holds, timeout=timeout)
-
-    client.run(wait)
+    wait_for_entry(client, MODEL, peer, state, timeout=timeout)
 
 
 def steps(session, hs: torch.Tensor, ts: range) -> list[torch.Tensor]:
