@@ -1,7 +1,8 @@
 """The block RPCs a server answers on libp2p streams, one request and one response per stream
 (petald.wire.messages: CBOR header + tensor frames):
 
-- `/petald/info/1.0.0`: model, span, dtype, limits, version.
+- `/petald/info/1.0.0`: model, span, dtype, limits, version, and how many forward/backward
+  requests were answered per batch size (`served`).
 - `/petald/forward/1.0.0`: hidden states (batch, seq, hidden) through blocks [start, end) of the
   span (any sub-range), then optionally an attention mask (batch, seq) and, with header
   `"positions": true`, position ids (batch, seq) last; answer: the output hidden states, or with
@@ -140,6 +141,9 @@ class BlockHandlers:
         self.throughput = 0.0
         self.active = 0  # requests and sessions in progress (draining waits for 0)
         self.in_flight: Counter[Any] = Counter()  # forward/backward requests per peer
+        # Answered forward/backward requests by batch size: observable splitting into
+        # sub-batches, and what batch sizes a server actually sees.
+        self.served: dict[str, Counter[int]] = {"forward": Counter(), "backward": Counter()}
         self._changed = trio.Event()
 
     @property
@@ -171,6 +175,10 @@ class BlockHandlers:
             "version": __version__,
             "codecs": list(CODECS),
             "limits": {"max_batch": self.limits.max_batch, "max_tokens": self.limits.max_tokens},
+            "served": {
+                op: {str(batch): n for batch, n in sorted(by_batch.items())}
+                for op, by_batch in self.served.items()
+            },
         }
 
     def register(self, host: IHost) -> None:
@@ -296,6 +304,7 @@ class BlockHandlers:
             if "error" in reply:
                 await write_message(stream, reply)
             else:
+                self.served[request["op"]][tensors[0].shape[0]] += 1
                 answer = {"ok": True} | ({"named": reply["named"]} if reply.get("named") else {})
                 await write_message(stream, answer, out)
             await stream.close()
