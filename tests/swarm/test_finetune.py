@@ -13,6 +13,7 @@ gets bit-identical plain outputs), and bad adapters fail with the server's messa
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,9 +174,29 @@ def test_ptune_prompts_and_embeddings_gradients(tiny, client, batch) -> None:
     assert all(e < GRAD_TOL for e in errors.values()), errors
 
 
-def test_deep_prompts_and_client_lora_gradients_in_sub_batches(tiny, client, batch) -> None:
+def served_batches(client: SwarmClient, swarm: DaemonProcess) -> Counter[tuple[str, int]]:
+    """(op, batch size) -> forward/backward requests the swarm's servers answered so far (their
+    `info`'s `served`), summed over the servers."""
+    from petald.client.rpc import call_info
+
+    async def read() -> Counter[tuple[str, int]]:
+        total: Counter[tuple[str, int]] = Counter()
+        for server in swarm.servers.values():  # type: ignore[attr-defined]
+            info = await call_info(client.open_stream, server.peer_id, timeout=30)
+            for op, by_batch in info["served"].items():
+                total.update({(op, int(b)): n for b, n in by_batch.items()})
+        return total
+
+    return client.run(read)
+
+
+def test_deep_prompts_and_client_lora_gradients_in_sub_batches(tiny, client, swarm, batch) -> None:
     """Deep prompts and LoRA A/B get the local gradients; batches split into sub-batches
-    (at most 2 sequences each here) give the same as one request."""
+    (at most 2 sequences each here) give the same as one request. The split is observed on the
+    servers (requests answered per batch size): 3 rows in every request without the limit, 2
+    and 1 with it, forward and backward alike.
+    Catches: a client that ignores the limit (whole batch in one request: the gradients alone
+    were equal either way), one that splits without being asked."""
     _, ref = tiny
     ids, mask, labels = batch
     model = load(tiny, client, tuning_mode="deep_ptune", pre_seq_len=2)
@@ -183,14 +204,18 @@ def test_deep_prompts_and_client_lora_gradients_in_sub_batches(tiny, client, bat
         model.remote_tuning.deep_prompts.normal_(std=0.05)
     model.remote_tuning.lora = random_lora(ref.config, TARGETS, seed=4)
     grads = {}
-    for limits in [None, (2, 8192)]:
+    for limits, sizes in [(None, {3}), ((2, 8192), {2, 1})]:
         model.zero_grad()
+        before = served_batches(client, swarm)
         if limits is not None:
             client.request_limits = lambda peers, limits=limits: limits  # type: ignore[method-assign]
         try:
             model(ids, attention_mask=mask, labels=labels).loss.backward()
         finally:
             client.__dict__.pop("request_limits", None)
+        seen = served_batches(client, swarm) - before
+        for op in ("forward", "backward"):
+            assert {b for o, b in seen if o == op} == sizes, (limits, seen)
         grads[limits] = {
             n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
         }
