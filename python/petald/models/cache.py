@@ -45,12 +45,15 @@ class RemoteCache(Cache):
             None  # (batch, position), UNKNOWN_TOKEN if fed as embeds
         )
         self._reorder: torch.Tensor | None = None  # applied with the next step
+        # Tokens held that the next step feeds again (see `replay_held`); 0: none.
+        self._replayed = 0
         self._closed = False
 
     # ---- what transformers asks of a Cache --------------------------------------------------
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position if self.session is not None else 0
+        held = self.session.position if self.session is not None else 0
+        return held - self._replayed
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_length if self.max_length is not None else -1
@@ -129,6 +132,7 @@ class RemoteCache(Cache):
 
     def rollback(self, position: int) -> None:
         """Forgets the tokens at `position` and after (the servers follow on the next step)."""
+        self._replayed = 0
         if self.session is None:
             if position:
                 raise ValueError(f"cannot roll back to {position}: the session holds nothing")
@@ -148,6 +152,8 @@ class RemoteCache(Cache):
         mask covers all tokens so far (batch, position + n). Returns the last block's output
         on `hidden`'s device and dtype."""
         session = self._open(hidden.shape[0])
+        if self._replayed:
+            return self._step_past_held(hidden, attention_mask, position_ids, input_ids)
         position, n = session.position, hidden.shape[1]
         if attention_mask is not None and attention_mask.shape[-1] != position + n:
             raise ValueError(
@@ -163,6 +169,37 @@ class RemoteCache(Cache):
         old = self.token_ids if self.token_ids is not None else ids[:, :0]
         self.token_ids = torch.cat([old, ids.to(torch.long)], 1)
         return out.to(hidden.device, hidden.dtype)
+
+    def replay_held(self) -> None:
+        """The next step feeds every token held again, then new ones (transformers' assisted
+        generation prefills the whole input on its first step, whatever the cache holds):
+        until then the cache reports itself empty (so positions and masks are computed from
+        0), and that step sends only the new tokens to the servers."""
+        self._replayed = self.position
+
+    def _step_past_held(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A step that starts with the `_replayed` tokens held: the rest goes to the servers;
+        the held tokens' outputs, which no one reads (assisted generation takes the logits of
+        the new tokens only), are zeros. Tokens that are not the ones held roll back."""
+        k, self._replayed = self._replayed, 0
+        n = hidden.shape[1]
+        ids = input_ids.to("cpu") if input_ids is not None else None
+        held = self.token_ids
+        if ids is None or held is None or n <= k or not torch.equal(ids[:, :k], held[:, :k]):
+            self.rollback(0)  # not the held tokens after all: compute everything
+            return self.step(hidden, attention_mask, position_ids, input_ids)
+        tail_positions = position_ids[..., k:] if position_ids is not None else None
+        if tail_positions is None:
+            tail_positions = torch.arange(k, n).expand(hidden.shape[0], n - k)
+        tail_ids = input_ids[:, k:] if input_ids is not None else None
+        out = self.step(hidden[:, k:], attention_mask, tail_positions, tail_ids)
+        return torch.cat([out.new_zeros(out.shape[0], k, out.shape[2]), out], 1)
 
     def sync_prefix(self, input_ids: torch.Tensor | None) -> None:
         """Before generate() on the whole sequence so far: keeps the longest prefix the session

@@ -212,6 +212,8 @@ class DistributedModelForCausalLM(
             # of continuing a cache: then nothing is compared.
             if ids is not None and (mask is None or mask.shape[-1] == ids.shape[-1]):
                 cache.sync_prefix(ids)
+                if _drafts(kwargs) and cache.position:
+                    cache.replay_held()  # assisted generation feeds the whole input first
         try:
             return super().generate(inputs, *args, **kwargs)
         finally:
@@ -357,6 +359,16 @@ def _signature(cls: type) -> tuple[frozenset[str] | None, str]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None, cache_arg
     return frozenset(params), cache_arg
+
+
+def _drafts(kwargs: dict[str, Any]) -> bool:
+    """Whether this generate() is assisted (speculative) decoding."""
+    return bool(
+        kwargs.get("prompt_lookup_num_tokens")
+        or kwargs.get("assistant_model") is not None
+        or getattr(kwargs.get("generation_config"), "prompt_lookup_num_tokens", None)
+        or getattr(kwargs.get("generation_config"), "assistant_model", None) is not None
+    )
 
 
 def _draft_overshoot(kwargs: dict[str, Any], default: Any) -> int:

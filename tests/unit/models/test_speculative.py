@@ -73,3 +73,30 @@ def test_speculative_sampling_matches_the_local_model(models, prompt):
     torch.manual_seed(5)
     got = model.generate(prompt, **kw)
     assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("kw", [{"prompt_lookup_num_tokens": 4}, {"assistant_model": "exact"}])
+def test_speculative_generate_continues_a_held_session(models, prompt, kw) -> None:
+    """A second turn: the session already holds the prompt. Assisted generation feeds its
+    whole input on its first step; the servers get only the new tokens (the held ones are
+    not computed twice) and the tokens are plain greedy's. Catches: the prompt fed again on
+    top of the held copy (the session holds it twice: other tokens)."""
+    model, ref, _ = models
+    if "assistant_model" in kw:  # four draft tokens at first, as prompt lookup here
+        kw = {"assistant_model": ref, "num_assistant_tokens": 4}
+    want = ref.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with model.inference_session(max_length=80) as cache:
+        model.generate(prompt, max_new_tokens=1, do_sample=False)  # the first turn's prefill
+        held = cache.position
+        fed: list[int] = []
+        step = cache.session.step
+
+        def counting(hidden, *args, **kwargs):
+            fed.append(hidden.shape[1])
+            return step(hidden, *args, **kwargs)
+
+        cache.session.step = counting
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, **kw)
+    assert got.tolist() == want.tolist()
+    assert held == prompt.shape[1]
+    assert fed[0] <= 1 + 4, fed  # the last token and a draft: not the held prompt again
