@@ -90,6 +90,8 @@ def swarm(tiny, french, tmp_path_factory) -> Iterator[dict[str, DaemonProcess]]:
             "J": ["2:4", "--throughput", "1e12", "--cache-tokens", "1024"],
         }
         args["B"] += ["--drain-timeout", str(DRAIN)]
+        # J prints its ready line only once online: its id comes from the identity made here.
+        key, _ = load_or_create_identity(tmp / "J.key")
         servers = {
             name: procs.spawn(
                 "serve",
@@ -104,8 +106,6 @@ def swarm(tiny, french, tmp_path_factory) -> Iterator[dict[str, DaemonProcess]]:
         }
         with ThreadPoolExecutor(3) as pool:  # they load in parallel; J stays joining
             list(pool.map(lambda d: d.wait_ready(120), [servers[n] for n in "ABC"]))
-        # J prints its ready line only once online: its id comes from its identity file.
-        key, _ = load_or_create_identity(tmp / "J.key")
         servers["J"].ready = {"peer_id": ID.from_pubkey(key.public_key).to_base58()}
         yield {"boot": boot, **servers}
 
@@ -391,7 +391,7 @@ def test_a_joining_server_is_not_routed_through_until_online(client, swarm, refe
     assert err(torch.cat(outs, 1), hs[4]) < TOL
     assert route == [swarm["A"].peer_id, swarm["B"].peer_id]
     assert j.peer_id not in banned(client)
-    assert client.view.get(j.peer_id).info.state == "joining"  # so it was eligible never
+    assert client.view.get(j.peer_id).info.state == "joining"  # throughout the above
 
     worker = compute_pid(j)
     wait_stopped(worker)  # it stopped itself as it started
@@ -417,9 +417,8 @@ async def test_a_forward_whose_server_dies_mid_request_fails_over(client, swarm,
     failed hop (RemoteSequential._forward_range), or that restarts from a wrong input."""
     hs = reference
     j = swarm["J"]
-    await trio.to_thread.run_sync(
-        j.wait_ready, 60
-    )  # online already: its ready line, for its address
+    # J is online already (the joining test waited for it); its ready line has its address.
+    await trio.to_thread.run_sync(j.wait_ready, 60)
     seq = seq_of(client)
     before = await trio.to_thread.run_sync(seq.forward, hs[0])
     async with rpc_client(j) as open_stream:
