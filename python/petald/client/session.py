@@ -61,6 +61,16 @@ def check_inputs(
         raise ValueError(f"position_ids {tuple(positions.shape)}: expected ({batch}, {n})")
 
 
+def _reasons(refused: dict[str, Exception]) -> str:
+    """What the servers that failed to open answered, e.g. "busy, retry after 300 s"."""
+    parts = []
+    for peer, e in refused.items():
+        retry = getattr(e, "retry_after", None)
+        after = f", retry after {retry:.0f} s" if isinstance(retry, float) else ""
+        parts.append(f"{peer[:16]}: {e}{after}")
+    return "servers refused: " + "; ".join(parts)
+
+
 def _overlaps(a: BlockRange, b: BlockRange) -> bool:
     return a.start < b.end and b.start < a.end
 
@@ -358,27 +368,36 @@ class InferenceSession:
         """Plans a route through `blocks` and opens a session on each hop's server (at once);
         a server that fails to open is banned and the route planned again."""
         client = self.client
+        refused: dict[str, Exception] = {}  # why servers failed to open, for the final error
         for _ in range(client.config.max_attempts):
             client.check_adapter(self.model, adapter_of(self.tuning))
             servers = client.live_servers(self.model, adapter_of(self.tuning))
             candidates = client.planner.eligible(servers, self.model, client.banned())
             wanted = [e.peer_id for e in candidates if _overlaps(e.info.blocks, blocks)]
             await client.probe(wanted)
-            route = client.planner.plan_inference(
-                servers,
-                self.model,
-                blocks,
-                rtts=client.rtts,
-                banned=client.banned(),
-                cache_tokens=self.batch * self.max_length,
-            )
+            try:
+                route = client.planner.plan_inference(
+                    servers,
+                    self.model,
+                    blocks,
+                    rtts=client.rtts,
+                    banned=client.banned(),
+                    cache_tokens=self.batch * self.max_length,
+                )
+            except RoutingError as e:
+                if not refused:
+                    raise
+                raise RoutingError(f"{e}; {_reasons(refused)}") from e
             opened, failed = await self._open_all(route)
             if not failed:
                 return [_Link(hop, opened[i]) for i, hop in enumerate(route)]
             for hop, e in failed:
                 client.ban(hop.peer_id, e)
+                refused[hop.peer_id] = e
             await self._close_links([_Link(route[i], s) for i, s in opened.items()])
-        raise RoutingError(f"could not open sessions through {self.model} blocks {blocks}")
+        raise RoutingError(
+            f"could not open sessions through {self.model} blocks {blocks}; {_reasons(refused)}"
+        )
 
     async def _open_all(
         self, route: list[Hop]
