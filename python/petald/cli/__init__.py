@@ -95,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
         "--model", action="append", default=[], help="also look up this model in the DHT"
     )
     status.add_argument("--wait", type=float, default=3.0, help="seconds to listen (default: 3)")
+    status.add_argument(
+        "--expect-servers",
+        nargs="*",
+        metavar="PEER_ID",
+        help="return as soon as the servers listed are exactly these peers (none: no server), "
+        "--wait seconds at most; exit status 1 if they are not by then (for scripts and tests)",
+    )
     add_p2p_args(status, listen_default="/ip4/127.0.0.1/tcp/0")
     chat = sub.add_parser(
         "chat",
@@ -262,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             from petald.cli.status import run as status_run
 
             setup_logging(args.log_level)
-            return status_run(p2p_config(args), args.model, args.wait, args.json)
+            return status_run(
+                p2p_config(args), args.model, args.wait, args.json, args.expect_servers
+            )
         if args.command == "ping":
             from petald.cli.ping import run as ping_run
 

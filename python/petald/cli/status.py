@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 
 import trio
@@ -93,7 +94,17 @@ def render_status(status: dict) -> str:
     return "\n".join(lines)
 
 
-async def _collect(config: P2PConfig, models: list[str], wait: float) -> dict:
+def listed_servers(status: dict) -> set[str]:
+    """The peer ids of every server a `status_json` result lists, all models together."""
+    return {s["peer_id"] for m in status["models"] for s in m["servers"]}
+
+
+async def _collect(
+    config: P2PConfig, models: list[str], wait: float, expect: set[str] | None = None
+) -> tuple[dict, bool]:
+    """(the status, whether it is what `expect` asked for). With `expect`, returns as soon as
+    the servers listed are exactly those peers (re-checked on every change of the view),
+    `wait` being the most it waits; without, after listening `wait` seconds."""
     async with trio.open_nursery() as nursery:
         stack = await start_stack(
             nursery, create_new_key_pair(), config, dht_config=DhtConfig(client_mode=True)
@@ -102,18 +113,48 @@ async def _collect(config: P2PConfig, models: list[str], wait: float) -> dict:
         assert announcer is not None
         for m in models:
             await announcer.watch(m)
-        # Topic subscriptions and gossip arrive over the next moments; there is no "done"
-        # signal in a swarm, so status listens for a bounded time.
-        await trio.sleep(wait)
-        now = time.time()
-        result = status_json(announcer.view, now=now, peers=len(dht.table))
+
+        def status() -> dict:
+            return status_json(announcer.view, now=time.time(), peers=len(dht.table))
+
+        met = True
+        if expect is None:
+            # Topic subscriptions and gossip arrive over the next moments; there is no "done"
+            # signal in a swarm, so status listens for a bounded time.
+            await trio.sleep(wait)
+        else:
+            try:
+                await announcer.wait_until(
+                    lambda _view: listed_servers(status()) == expect, timeout=wait
+                )
+            except trio.TooSlowError:
+                met = False
+        result = status()
         nursery.cancel_scope.cancel()
-    return result
+    return result, met
 
 
-def run(config: P2PConfig, models: list[str], wait: float, as_json: bool) -> int:
+def run(
+    config: P2PConfig,
+    models: list[str],
+    wait: float,
+    as_json: bool,
+    expect: list[str] | None = None,
+) -> int:
+    """Exit status 1 when `expect` (peer ids) was given and not met within `wait` seconds."""
     if not 0 <= wait <= 120:
         raise ValueError("--wait must be between 0 and 120 seconds")
-    status = trio.run(_collect, config, models, wait)
+    want = None if expect is None else set(expect)
+    status, met = trio.run(_collect, config, models, wait, want)
     print(json.dumps(status) if as_json else render_status(status), flush=True)
+    if not met:
+        assert want is not None
+        listed = listed_servers(status)
+        missing, extra = sorted(want - listed), sorted(listed - want)
+        print(
+            f"petald status: after {wait:g} s the servers are not those expected "
+            f"(missing {missing}, not expected {extra})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
