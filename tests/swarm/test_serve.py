@@ -130,8 +130,9 @@ async def test_bad_requests_get_error_replies_and_the_server_keeps_serving(
 def test_status_lists_the_server(served) -> None:
     boot, server = served
     st = petald_json(
-        "status", "--json", "--model", "tiny-llama", "--wait", "1", "--initial-peers", boot.addr
-    )
+        "status", "--json", "--model", "tiny-llama", "--initial-peers", boot.addr,
+        "--expect-servers", server.peer_id, "--wait", "60",
+    )  # fmt: skip
     model = next(m for m in st["models"] if m["model"] == "tiny-llama")
     assert [(s["peer_id"], s["blocks"], s["state"]) for s in model["servers"]] == [
         (server.peer_id, "1:4", "online")
