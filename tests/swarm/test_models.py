@@ -177,3 +177,17 @@ def test_smollm2_answers_like_the_local_model(smollm2, swarm, capsys) -> None:
     assert text == expected
     assert text.strip() == "The capital of France is Paris."
     assert capsys.readouterr().out.strip() == text.strip()  # streamed as it was generated
+
+
+def test_speculative_generate_through_the_swarm(model, tiny) -> None:
+    """Prompt lookup and an assistant model through real servers: plain greedy tokens, in
+    fewer steps than tokens (the servers' caches rolled back to each accepted prefix)."""
+    _, ref = tiny
+    torch.manual_seed(0)
+    ids = torch.randint(1, 128, (1, 6)).repeat(1, 3)  # repetitive: prompt lookup drafts
+    want = ref.generate(ids, max_new_tokens=16, do_sample=False)
+    for kw in ({"prompt_lookup_num_tokens": 4}, {"assistant_model": ref}):
+        with model.inference_session(max_length=64) as session:
+            got = model.generate(ids, max_new_tokens=16, do_sample=False, **kw)
+            assert got.tolist() == want.tolist(), kw
+            assert session.stats.steps < 16, kw
