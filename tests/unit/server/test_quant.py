@@ -135,12 +135,12 @@ def _dequantized_weight(linear: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("mode", QUANTIZED)
 def test_quantized_span_gives_input_gradients(mode, saved_model, hidden_of, batch):
     """The input gradient of a quantized span is the transformers model's through the span's
-    dequantized weights, and near the unquantized model's (within the forward's MAX_REL_ERROR). The cotangent `g` is fixed
-    and random, so the residual path alone contributes exactly `g`: errors are measured relative
-    to the blocks' part, grad - g (here 1.3-1.6 |g|).
+    dequantized weights, and near the unquantized model's (within the forward's MAX_REL_ERROR).
+    The cotangent `g` is fixed and random, so the residual path alone contributes exactly `g`:
+    errors are measured relative to the blocks' part, grad - g (here 1.3-1.6 |g|).
     Catches: a no-op backward through the layers or through the quantized Linear layers (the
-    residual-only gradient g: relative error 1; both tried), a backward through other weights than the quantized ones (the unquantized ones: int8
-    0.010, nf4 0.15-0.19)."""
+    residual-only gradient g: relative error 1; both tried), a backward through other weights
+    than the quantized ones (measured for the unquantized ones: int8 0.010, nf4 0.15-0.19)."""
     model, path = saved_model("llama")
     span = load_span(path, (0, 2), progress=False, quant=mode)
     # The references are the transformers model itself (blocks 0:2 of it), and a copy of it
