@@ -95,7 +95,7 @@ async def run_daemon(
         )
         host, relay = stack.host, stack.relay
         EchoService(host.host).serve()
-        await stack.start(nursery, before_join=[DialBackService(host.host).run])
+        await stack.start(nursery, before_join=[DialBackService(host.host, host.pnet.key).run])
         t2 = trio.current_time()
         stamp("daemon.joined")
         log.info("joined and bootstrapped the DHT in %.2f s", t2 - t0)

@@ -64,6 +64,11 @@ class PeerUnavailable(PetaldError):
         self.peer = peer
 
 
+class SwarmKeyMismatch(PeerUnavailable):
+    """The peer is on the other side of a private swarm's key: ours is missing or different
+    (or it has none). Retrying cannot help."""
+
+
 # Error codes a block server answers when the request itself is wrong (shapes, dtypes, limits,
 # positions): asking another server would get the same answer, so clients raise them to the
 # caller instead of failing over. Every other code (busy, draining, internal) is the server's.

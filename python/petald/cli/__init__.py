@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from petald import __version__
 from petald.cli.chat import add_arguments as add_chat_arguments
+from petald.cli.chat import add_swarm_key_arg
 from petald.cli.demo import add_arguments as add_demo_arguments
 from petald.cli.serve import add_arguments as add_serve_arguments
 from petald.cli.systemd import add_arguments as add_systemd_arguments
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "--payload-bytes", type=int, default=1024, help="bytes per round trip (default: 1024)"
     )
     ping.add_argument("--timeout", type=float, default=60.0, help="seconds for the whole run")
+    add_swarm_key_arg(ping)
     ping.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
@@ -119,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
         "with greedy decoding, print the answer and timings, and stop everything.",
     )
     add_demo_arguments(demo)
+    key = sub.add_parser(
+        "swarm-key",
+        help="create a private swarm's pre-shared key file (for --swarm-key)",
+        description="new [FILE]: write a fresh random libp2p pnet key (/key/swarm/psk/1.0.0/) "
+        "to FILE (default: swarm.key), mode 0600; refuses to overwrite a file. Give the same "
+        "file to every peer of the swarm: peers without it cannot connect.",
+    )
+    key.add_argument("op", choices=["new"])
+    key.add_argument("file", nargs="?", type=Path, default=Path("swarm.key"), metavar="FILE")
     return parser
 
 
@@ -163,6 +174,7 @@ def add_p2p_args(p: argparse.ArgumentParser, *, listen_default: str | None = Non
         action="store_false",
         help="do not relay for private peers, even when publicly reachable",
     )
+    add_swarm_key_arg(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -208,6 +220,7 @@ def p2p_config(args: argparse.Namespace) -> P2PConfig:
         identity=args.identity,
         reachability=args.reachability,
         relay=args.relay,
+        swarm_key=args.swarm_key,
     )
 
 
@@ -230,6 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(with_openmp_defaults(os.environ))
     args = _parser().parse_args(argv)
     try:
+        if args.command == "swarm-key":
+            from petald.p2p.pnet import write_new_key
+
+            write_new_key(args.file)
+            print(
+                f"wrote a new swarm key to {args.file} (mode 0600); give it to every peer "
+                f"of the swarm with --swarm-key {args.file}"
+            )
+            return 0
         if args.command == "core-demo":
             from petald.cli.core_demo import run
 
@@ -276,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             from petald.cli.ping import run as ping_run
 
             setup_logging(args.log_level)
-            return ping_run(args.multiaddr, args.count, args.payload_bytes, args.timeout)
+            return ping_run(
+                args.multiaddr, args.count, args.payload_bytes, args.timeout, args.swarm_key
+            )
         if args.command in ("chat", "demo"):
             from petald.cli.chat import run as chat_run
             from petald.cli.demo import run as demo_run

@@ -12,11 +12,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from petald.errors import PetaldError
 
 PROMPT = ">>> "
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) quits"
+
+
+def add_swarm_key_arg(p: argparse.ArgumentParser) -> None:
+    """--swarm-key, the same for every command that joins a swarm (petald.p2p.pnet)."""
+    p.add_argument(
+        "--swarm-key",
+        type=Path,
+        metavar="FILE",
+        help="join a private swarm: only peers with this pre-shared key file (libp2p pnet; "
+        "create one with `petald swarm-key new FILE`) can connect to us, or we to them",
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +48,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="join this swarm (full addresses ending in /p2p/<peer id>); without it, start a "
         "local swarm of MODEL and stop it on exit",
     )
+    add_swarm_key_arg(p)
     p.add_argument("--model-name", help="the model's name on the swarm (default: from MODEL)")
     p.add_argument(
         "--servers",
@@ -96,6 +109,7 @@ def conversation_config(args: argparse.Namespace, *, sampling=None):  # -> Conve
     return ConversationConfig(
         model=args.model,
         initial_peers=tuple(args.initial_peers),
+        swarm_key=args.swarm_key,
         model_name=args.model_name,
         servers=args.servers,
         system=getattr(args, "system", None),

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from petald.cli.local_swarm import LocalSwarm, LocalSwarmConfig, demo_model
@@ -64,6 +65,7 @@ class Sampling:
 class ConversationConfig:
     model: str | None = None  # None: the demo model
     initial_peers: tuple[str, ...] = ()  # empty: start a local swarm
+    swarm_key: Path | None = None  # a private swarm's key (the local swarm's too)
     model_name: str | None = None
     servers: int = 2  # local swarm only
     system: str | None = None  # None: the chat template's default system prompt
@@ -199,7 +201,11 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
         peers, name, swarm, wait = list(config.initial_peers), config.model_name, None, config.wait
         if not peers:
             swarm_config = LocalSwarmConfig(
-                source, servers=config.servers, model_name=name, quiet=config.quiet
+                source,
+                servers=config.servers,
+                model_name=name,
+                quiet=config.quiet,
+                swarm_key=config.swarm_key,
             )
             swarm = stack.enter_context(LocalSwarm(swarm_config))
             peers, name = swarm.initial_peers, swarm.model_name
@@ -212,7 +218,7 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
         tokenizer = Background(load_tokenizer, source)
         # Our own client, closed before the swarm stops: a load still waiting for the servers
         # when one of them fails then ends, instead of redialling a vanished swarm.
-        client = _join(peers)
+        client = _join(peers, config.swarm_key)
         stack.callback(client.close)
         model = Background(_load_model, source, client, name, wait)
         stack.callback(model.close)
@@ -230,15 +236,16 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
         yield chat
 
 
-def _join(peers: list[str]) -> Any:
-    from petald.client import SwarmClient
+def _join(peers: list[str], swarm_key: Path | None = None) -> Any:
+    from petald.client import ClientConfig, SwarmClient
 
     # py-libp2p resets its logger when first imported (level WARNING, no handler, so Python's
     # last-resort handler prints its routine dial errors on stderr, into the chat): quiet it
     # again as `petald --log-level` set it, unless debugging.
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-    return SwarmClient(peers).start()
+    config = ClientConfig(initial_peers=tuple(peers), swarm_key=swarm_key)
+    return SwarmClient(config=config).start()
 
 
 def _load_model(source: str, client: Any, name: str | None, wait: float) -> Any:

@@ -77,6 +77,7 @@ class LocalSwarmConfig:
     ready_timeout: float = DEFAULT_READY_TIMEOUT
     log_dir: Path | None = None  # default: a temporary directory, removed unless a start failed
     quiet: bool = False  # no progress on stderr
+    swarm_key: Path | None = None  # a private local swarm: every daemon gets --swarm-key
 
     def __post_init__(self) -> None:
         if self.servers < 1:
@@ -142,10 +143,11 @@ class LocalSwarm:
         logs = c.log_dir or work
         logs.mkdir(parents=True, exist_ok=True)
         self._say(f"starting a local swarm of {self.model_name} (logs in {logs})")
+        key = ["--swarm-key", str(c.swarm_key)] if c.swarm_key else []
         # The bootstrap node comes up while we read the model's config (a few seconds each).
         node = Child.spawn(
             "node",
-            ["--new-swarm", "--reachability", "public", "--no-relay"],
+            ["--new-swarm", "--reachability", "public", "--no-relay", *key],
             name="node",
             identity=work / "node.key",
             log=logs / "node.log",
@@ -159,7 +161,7 @@ class LocalSwarm:
             args += ["--dtype", c.dtype, "--device", c.device, "--throughput", LOCAL_THROUGHPUT]
             # On loopback nobody needs a dial-back check; and at exit we stop the whole swarm,
             # so there is nobody to drain for.
-            args += ["--reachability", "public", "--no-relay", "--drain-timeout", "0"]
+            args += ["--reachability", "public", "--no-relay", "--drain-timeout", "0", *key]
             if c.model_name:
                 args += ["--model-name", c.model_name]
             name = f"server{i} ({span})"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -42,9 +43,11 @@ async def _measure(host: P2PHost, dialer: Dialer, target: str, count: int, size:
     }
 
 
-async def _run(target: str, count: int, size: int, timeout: float) -> dict:
+async def _run(
+    target: str, count: int, size: int, timeout: float, swarm_key: Path | None = None
+) -> dict:
     # A one-shot client: throw-away identity, joins no swarm, listens on loopback only.
-    config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), new_swarm=True)
+    config = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), new_swarm=True, swarm_key=swarm_key)
     host = P2PHost(create_new_key_pair(), config)
     relay = RelayService(host.host, offer_hop=False)
     outcome: dict | BaseException = PeerUnavailable("ping did not run")
@@ -68,9 +71,11 @@ async def _run(target: str, count: int, size: int, timeout: float) -> dict:
     return outcome
 
 
-def run(target: str, count: int, payload_bytes: int, timeout: float) -> int:
+def run(
+    target: str, count: int, payload_bytes: int, timeout: float, swarm_key: Path | None = None
+) -> int:
     if timeout <= 0:
         raise ValueError("--timeout must be positive")
-    result = trio.run(_run, target, count, payload_bytes, timeout)
+    result = trio.run(_run, target, count, payload_bytes, timeout, swarm_key)
     print(json.dumps(result), flush=True)
     return 0 if result["intact"] else 1

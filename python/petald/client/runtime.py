@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -33,6 +34,7 @@ from petald.client.tuning import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from petald.dht.node import DhtConfig
 from petald.errors import PeerUnavailable, PetaldError, RoutingError, SessionClosed
 from petald.p2p.config import P2PConfig
+from petald.p2p.pnet import load_key
 from petald.p2p.swarm_view import ServerEntry, SwarmView
 from petald.stack import Stack, build_stack
 from petald.types import BlockRange
@@ -63,10 +65,14 @@ class ClientConfig:
     # relays every hop's output itself (as servers that take no pushes are always used).
     pass_activations: bool = True
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+    # A private swarm's pre-shared key file (petald.p2p.pnet), as `--swarm-key` takes it.
+    swarm_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
             raise ValueError("give the multiaddr of at least one swarm peer (initial_peers)")
+        if self.swarm_key is not None:
+            load_key(self.swarm_key)  # a missing or malformed key file fails here, not later
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
 
@@ -173,7 +179,11 @@ class SwarmClient:
             self._ready.set()
 
     async def _main(self) -> None:
-        p2p = P2PConfig(listen=self.config.listen, initial_peers=self.config.initial_peers)
+        p2p = P2PConfig(
+            listen=self.config.listen,
+            initial_peers=self.config.initial_peers,
+            swarm_key=self.config.swarm_key,
+        )
         async with trio.open_nursery() as nursery:
             stack = build_stack(self.key_pair, p2p, dht_config=DhtConfig(client_mode=True))
             try:

@@ -48,6 +48,9 @@ class P2PConfig:
     reachability: str = "auto"
     # Offer circuit relay (HOP) service to private peers while we are publicly reachable.
     relay: bool = True
+    # A private swarm's pre-shared key file (petald.p2p.pnet): only peers with the same key
+    # can connect to us, or we to them.
+    swarm_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -70,6 +73,12 @@ class P2PConfig:
             raise ValueError(f"--reachability must be one of {', '.join(REACHABILITY_MODES)}")
         if self.connect_timeout <= 0:
             raise ValueError("connect timeout must be positive")
+        self.swarm_key_bytes()  # a missing or malformed key file is an error at start-up
+
+    def swarm_key_bytes(self) -> bytes | None:
+        from petald.p2p.pnet import load_key
+
+        return None if self.swarm_key is None else load_key(self.swarm_key)
 
     def listen_addrs(self) -> list[multiaddr.Multiaddr]:
         return [parse_multiaddr(a, what="listen address") for a in self.listen]

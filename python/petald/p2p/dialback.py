@@ -33,6 +33,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from petald.p2p.pnet import protect
 from petald.p2p.relay import is_circuit_addr, is_relayed
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,10 @@ class Reachability:
     observed: tuple[str, ...] = field(default=())
 
 
-def _prober_host() -> IHost:
+def _prober_host(swarm_key: bytes | None = None) -> IHost:
     """A non-listening host with a fresh identity, Noise + yamux only, and no dial retries: one
-    failed attempt is the answer, retrying only delays it (~0.7 s of backoff by default)."""
+    failed attempt is the answer, retrying only delays it (~0.7 s of backoff by default). In a
+    private swarm it has the swarm key, or it could reach no one."""
     kp = create_new_key_pair()
     noise = NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
     host = new_host(
@@ -84,6 +86,7 @@ def _prober_host() -> IHost:
         enable_upnp=False,
     )
     host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
+    protect(host, swarm_key)
     return host
 
 
@@ -105,9 +108,9 @@ class DialBackService:
     be used to attack third parties), one probe at a time, one request per peer per
     MIN_INTERVAL_PER_PEER. Start with `await nursery.start(service.run)`."""
 
-    def __init__(self, host: IHost) -> None:
+    def __init__(self, host: IHost, swarm_key: bytes | None = None) -> None:
         self.host = host
-        self._prober = _prober_host()
+        self._prober = _prober_host(swarm_key)
         self._lock = trio.Lock()
         self._last_served: dict[ID, float] = {}
         self.served = 0

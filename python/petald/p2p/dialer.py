@@ -30,6 +30,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 
 from petald.errors import PeerUnavailable
+from petald.p2p.pnet import refusal_error
 from petald.p2p.relay import is_circuit_addr, is_relayed
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,8 @@ class Dialer:
             except trio.Cancelled:
                 raise
             except Exception as e:  # dial errors come in many py-libp2p types and groups
+                if (mismatch := refusal_error(self.host, PeerInfo(peer, direct))) is not None:
+                    raise mismatch from e  # a private swarm's boundary: no relay helps
                 errors.append(f"direct: {type(e).__name__}")
                 if circuit:
                     self._forget_failed_direct(peer, direct, keep=circuit)

@@ -22,8 +22,9 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
-from petald.errors import PeerUnavailable
+from petald.errors import PeerUnavailable, SwarmKeyMismatch
 from petald.p2p.config import P2PConfig
+from petald.p2p.pnet import Protector, protect, refusal_error
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class P2PHost:
     def __init__(self, key_pair: KeyPair, config: P2PConfig) -> None:
         self.config = config
         self.host = build_host(key_pair, config)
+        # Private swarms (and, without a key, telling a private swarm's peer from a dead one).
+        self.pnet: Protector = protect(self.host, config.swarm_key_bytes())
         self._circuit_addrs: list[multiaddr.Multiaddr] = []
         # Identify (and so the DHT's peer records) advertises host.get_addrs(); our relay
         # addresses must be in it. new_host's addrs_factory cannot carry them: BasicHost strips
@@ -88,26 +91,38 @@ class P2PHost:
         return [str(a) for a in self.host.get_addrs()]
 
     async def connect(self, peer: PeerInfo, *, timeout: float) -> None:
-        """Connects to `peer` or raises `PeerUnavailable`. Cancel-safe."""
+        """Connects to `peer` or raises `PeerUnavailable` (`SwarmKeyMismatch` when the peer is
+        on the other side of a swarm key). Cancel-safe."""
         try:
             with trio.fail_after(timeout):
                 await self.host.connect(peer)
         except trio.TooSlowError as e:
+            self._raise_if_mismatch(peer, e)
             raise PeerUnavailable(f"{peer.peer_id}: no connection within {timeout:.0f} s") from e
         except (OSError, trio.BrokenResourceError) as e:
+            self._raise_if_mismatch(peer, e)
             raise PeerUnavailable(f"{peer.peer_id}: {e}") from e
         except Exception as e:  # py-libp2p wraps dial errors in its own (and in groups)
+            self._raise_if_mismatch(peer, e)
             raise PeerUnavailable(f"{peer.peer_id}: {e}") from e
+
+    def _raise_if_mismatch(self, peer: PeerInfo, e: BaseException) -> None:
+        error = refusal_error(self.host, peer)
+        if error is not None:
+            raise error from e
 
     async def _join(self, peers: Sequence[PeerInfo]) -> int:
         """Connects to the initial peers concurrently; returns how many answered."""
         ok = 0
+        self._mismatched: list[SwarmKeyMismatch] = []
 
         async def one(p: PeerInfo) -> None:
             nonlocal ok
             try:
                 await self.connect(p, timeout=self.config.connect_timeout)
                 ok += 1
+            except SwarmKeyMismatch as e:
+                self._mismatched.append(e)
             except PeerUnavailable as e:
                 log.warning("initial peer unreachable: %s", e)
 
@@ -121,6 +136,8 @@ class P2PHost:
         from `run` so services that must see every connection (gossipsub) start in between."""
         peers = self.config.initial_peer_infos()
         if peers and await self._join(peers) == 0:
+            if self._mismatched:  # the one-line error of the side that tried to connect
+                raise self._mismatched[0]
             raise PeerUnavailable(
                 "none of the initial peers answered; check the addresses, or start a new "
                 "swarm with --new-swarm"
