@@ -315,6 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     except PetaldError as e:
         print(f"petald: {e}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # trio wraps an error raised in a nursery (e.g. joining a swarm in `status`, `dht`):
+        # one such error is still a one-line message, not a traceback.
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, ValueError):
+            print(f"petald: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, PetaldError):
+            print(f"petald: {leaf}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from petald.server.allow import parse_allow_peers
 from petald.server.serve_config import ServeConfig, worker_spec
 from petald.types import BlockRange
 
@@ -57,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="seconds active sessions get to finish on SIGTERM or a move (default: 60)",
+    )
+    p.add_argument(
+        "--allow-peers",
+        metavar="PEER_ID[,..]|FILE",
+        help="answer block requests only from these clients (peer ids, comma-separated, or a "
+        "file of them); other servers of the swarm still push to us (petald.server.allow)",
     )
     p.add_argument(
         "--rebalance-period",
@@ -109,6 +116,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         drain_timeout=args.drain_timeout,
         rebalance_period=args.rebalance_period,
         public_name=args.public_name,
+        allow_peers=parse_allow_peers(args.allow_peers) if args.allow_peers else None,
     )
 
 

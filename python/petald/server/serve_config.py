@@ -25,6 +25,8 @@ class ServeConfig:
     drain_timeout: float = 60.0
     rebalance_period: float = 600.0
     public_name: str = ""
+    # None: serve every peer of the swarm; else only these peer ids (petald.server.allow).
+    allow_peers: frozenset[str] | None = None
 
 
 def worker_spec(config: ServeConfig, span: BlockRange) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import trio
 from libp2p.abc import INetStream
@@ -20,6 +21,7 @@ from libp2p.custom_types import TProtocol
 from petald import __version__
 from petald.errors import PeerUnavailable
 from petald.server import throughput
+from petald.server.allow import AllowListHost
 from petald.server.executor import TRAINING, Executor, WorkerProcess
 from petald.server.handlers import BlockHandlers, Limits
 from petald.server.inference import InferenceSessions
@@ -123,7 +125,9 @@ class BlockServer:
         handlers.throughput = await self._throughput(executor, worker)
         stamp("daemon.throughput")
         sessions = InferenceSessions(handlers, self._open_to_server)
-        host = self.stack.host.host
+        host: Any = self.stack.host.host
+        if c.allow_peers is not None:
+            host = AllowListHost(host, c.allow_peers, self._is_announced_server)
         handlers.register(host)
         sessions.register(host)
         handlers.state = "online"
@@ -135,6 +139,12 @@ class BlockServer:
             await self.stack.announcer.wait_published(online)
         stamp("daemon.published")
         log.info("online: %s blocks %s, %.0f tokens/s", c.model, span, handlers.throughput)
+
+    def _is_announced_server(self, peer_id: str) -> bool:
+        """Whether `peer_id`'s signed announcement is live in our swarm view."""
+        announcer = self.stack.announcer
+        entry = announcer.view.get(peer_id) if announcer is not None else None
+        return entry is not None and entry.expires_at > time.time()
 
     async def _open_to_server(self, peer_id: str, protocol: TProtocol) -> INetStream:
         """A stream to another server, for pushes: only to a server this one knows from the

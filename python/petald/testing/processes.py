@@ -62,7 +62,30 @@ class DaemonProcess:
 
     def read_event(self, event: str, *, timeout: float) -> dict:
         """Reads stdout lines until a JSON line with this event arrives; raises on timeout or
-        exit. Non-JSON lines are kept in `output` for failure messages.
+        exit. Non-JSON lines are kept in `output` for failure messages."""
+
+        def match(text: str) -> dict | None:
+            try:
+                msg = json.loads(text)
+            except json.JSONDecodeError:
+                return None
+            return msg if isinstance(msg, dict) and msg.get("event") == event else None
+
+        return self._read_until(match, repr(event), timeout=timeout)
+
+    def read_line_containing(self, text: str, *, timeout: float) -> str:
+        """Reads output lines (logs included: stderr is merged) until one contains `text`, in
+        the lines read so far or in new ones; raises on timeout or exit."""
+        for line in self.output:
+            if text in line:
+                return line
+        found = self._read_until(
+            lambda line: line if text in line else None, repr(text), timeout=timeout
+        )
+        return str(found)
+
+    def _read_until(self, match: Any, what: str, *, timeout: float) -> Any:
+        """Reads stdout lines (kept in `output`) until `match(line)` is not None; returns it.
 
         Reads the raw fd with os.read and splits lines itself: a buffered readline() can pull
         several lines into Python's buffer, after which select() sees nothing on the fd and a
@@ -77,23 +100,20 @@ class DaemonProcess:
                     raw, self._pending = self._pending.split(b"\n", 1)
                     text = raw.decode(errors="replace").rstrip()
                     self.output.append(text)
-                    try:
-                        msg = json.loads(text)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(msg, dict) and msg.get("event") == event:
-                        return msg
+                    found = match(text)
+                    if found is not None:
+                        return found
                 left = deadline - time.monotonic()
                 if left <= 0 or not sel.select(left):
                     raise TimeoutError(
-                        f"{self.name}: no {event!r} line within {timeout} s:\n{self.log()}"
+                        f"{self.name}: no {what} line within {timeout} s:\n{self.log()}"
                     )
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     code = self.proc.wait()
                     raise DaemonExited(
                         f"{self.name} (pid {self.proc.pid}) exited with status {code} before "
-                        f"its {event!r} line:\n{self.log()}",
+                        f"its {what} line:\n{self.log()}",
                         code,
                     )
                 self._pending += chunk
