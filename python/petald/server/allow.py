@@ -58,11 +58,21 @@ def parse_allow_peers(value: str) -> frozenset[str]:
     if not ids:
         raise ValueError(f"{source}: no peer id")
     for t in ids:
-        try:
-            ID.from_base58(t)
-        except Exception:
-            raise ValueError(f"{source}: {t[:60]!r} is not a peer id (e.g. 12D3KooW...)") from None
+        if not is_peer_id(t):
+            raise ValueError(f"{source}: {t[:60]!r} is not a peer id (e.g. 12D3KooW...)")
     return frozenset(ids)
+
+
+def is_peer_id(text: str) -> bool:
+    """A base58 multihash as libp2p peer ids are: sha256 (Qm...) or identity (12D3KooW...).
+    (`ID.from_base58` takes any base58 text, e.g. "nope".)"""
+    try:
+        raw = ID.from_base58(text).to_bytes()
+    except Exception:
+        return False
+    sha256 = len(raw) == 34 and raw[:2] == b"\x12\x20"
+    identity = len(raw) >= 2 and raw[0] == 0 and len(raw) == raw[1] + 2
+    return sha256 or identity
 
 
 def refusal(peer: str) -> dict[str, Any]:
