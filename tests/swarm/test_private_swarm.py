@@ -1,11 +1,15 @@
-"""A private swarm seen from outside: a `petald node --swarm-key` and a `petald serve --swarm-key
---allow-peers` of a tiny model, real processes on 127.0.0.1.
+"""A private swarm seen from outside: a `petald node --swarm-key` and two `petald serve
+--swarm-key --allow-peers` of a tiny 2-block model (block 0, block 1), real processes on
+127.0.0.1.
 
 - a `petald status` without the key, and one with another key, cannot join: each exits 1 with
   the one-line error, and the node logs the refused connection with the reason;
 - a client with the key whose peer id is on the server's allow list gets its info and forwards
   computed; one with the key but not on the list gets `not_allowed`, raised by petald.client's
-  RPC functions as a RemoteError with a message that says what to do; the server logs it.
+  RPC functions as a RemoteError with a message that says what to do; the server logs it;
+- the listed client generates the local model's greedy tokens through both servers, the first
+  pushing its output to the second (a server is no listed client: pushes between announced
+  servers must pass).
 
 Loopback rather than network namespaces: the swarm key is checked on the bytes of every
 connection, before Noise, whatever route the connection took; a namespace would add a veth pair
@@ -17,6 +21,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +33,10 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
+from transformers import LlamaForCausalLM
 
+from petald import AutoDistributedModelForCausalLM
+from petald.client import ClientConfig, SwarmClient
 from petald.client.rpc import call_forward, call_info
 from petald.dht.node import DhtConfig
 from petald.errors import RemoteError
@@ -43,6 +51,7 @@ pytestmark = pytest.mark.slow
 MODEL = "private-llama"
 BLOCKS = 2
 HIDDEN = 64
+NEW_TOKENS = 4
 MISMATCH = "is in a private swarm: your swarm key is missing or different"
 
 
@@ -51,8 +60,11 @@ class Private:
     key: Path
     other_key: Path
     boot: DaemonProcess
-    server: DaemonProcess
+    server: DaemonProcess  # block 0
+    second: DaemonProcess  # block 1
     allowed: KeyPair
+    model_path: Path
+    model: LlamaForCausalLM
 
 
 def petald(*args: str) -> subprocess.CompletedProcess[str]:
@@ -72,29 +84,33 @@ def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private]:
     for path in (key, other):
         made = petald("swarm-key", "new", str(path))
         assert made.returncode == 0, made.stderr
-    save_tiny_llama(tmp / MODEL, layers=BLOCKS, hidden=HIDDEN)
+    model = save_tiny_llama(tmp / MODEL, layers=BLOCKS, hidden=HIDDEN)
     allowed = create_new_key_pair()
     allow_file = tmp / "allowed.txt"
     allow_file.write_text(f"# the one client\n{ID.from_pubkey(allowed.public_key).to_base58()}\n")
     with Processes() as owned:
         flags = ("--swarm-key", str(key), "--reachability", "public", "--no-relay")
         boot = owned.start("node", "--new-swarm", *flags, identity=tmp / "boot.key")
-        server = owned.start(
-            "serve",
-            str(tmp / MODEL),
-            "--blocks",
-            f"0:{BLOCKS}",
-            "--initial-peers",
-            boot.addr,
-            "--throughput",
-            "100",
-            "--allow-peers",
-            str(allow_file),
-            *flags,
-            identity=tmp / "server.key",
-            ready_timeout=120,
-        )
-        yield Private(key, other, boot, server, allowed)
+        servers = [
+            owned.spawn(
+                "serve",
+                str(tmp / MODEL),
+                "--blocks",
+                f"{i}:{i + 1}",
+                "--initial-peers",
+                boot.addr,
+                "--throughput",
+                "100",
+                "--allow-peers",
+                str(allow_file),
+                *flags,
+                identity=tmp / f"server{i}.key",
+            )
+            for i in range(BLOCKS)
+        ]
+        with ThreadPoolExecutor(BLOCKS) as pool:  # they load in parallel
+            list(pool.map(lambda d: d.wait_ready(120), servers))
+        yield Private(key, other, boot, *servers, allowed, tmp / MODEL, model)
 
 
 def test_peer_without_key_cannot_connect(private: Private) -> None:
@@ -144,7 +160,7 @@ async def _as_client(private: Private, key_pair: KeyPair) -> tuple[dict | Except
         hidden = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(0))
         for call in (
             lambda: call_info(opener, server, timeout=20),
-            lambda: call_forward(opener, server, BlockRange(0, BLOCKS), hidden, timeout=20),
+            lambda: call_forward(opener, server, BlockRange(0, 1), hidden, timeout=20),
         ):
             try:
                 results.append(await call())
@@ -172,3 +188,26 @@ async def test_allow_peers(private: Private) -> None:
         assert stranger_id in refused.message and "--allow-peers" in refused.message
     line = private.server.read_line_containing(f"from {stranger_id}: not on the allow", timeout=10)
     assert "refused /petald/info/1.0.0" in line
+
+
+def test_listed_client_generates_through_servers_that_push(private: Private) -> None:
+    """Catches: pushes between servers refused by the allow list (the step would wait for a
+    push that never comes, then fail), a ClientConfig.swarm_key not passed to the client's host
+    (it could not join), and wrong tokens."""
+    config = ClientConfig(
+        initial_peers=(private.boot.addr,),
+        swarm_key=private.key,
+        step_timeout=10,
+        max_attempts=1,
+    )
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    want = private.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with SwarmClient(config=config, key_pair=private.allowed) as client:
+        client.wait_for_blocks(MODEL, BLOCKS, timeout=30)
+        model = AutoDistributedModelForCausalLM.from_pretrained(private.model_path, client=client)
+        with model.inference_session(max_length=16) as cache:
+            got = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+            stats = cache.session.stats
+    assert got.tolist() == want.tolist()
+    assert stats.passed_on == stats.steps > 0  # block 1's input came by push every step
+    assert not stats.failovers
