@@ -29,7 +29,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 
-from petald.errors import PeerUnavailable
+from petald.errors import PeerUnavailable, SwarmKeyMismatch
 from petald.p2p.pnet import refusal_error
 from petald.p2p.relay import is_circuit_addr, is_relayed
 
@@ -217,6 +217,8 @@ class Dialer:
                         return await self._dial_circuit(peer, addr)
                 except trio.Cancelled:
                     raise
+                except SwarmKeyMismatch:
+                    raise
                 except Exception as e:
                     errors.append(f"{addr}: {type(e).__name__}: {str(e)[:120]}")
                     self.host.get_network().unblock_peer(peer)
@@ -229,7 +231,12 @@ class Dialer:
         the peerstore: the relay transport looks there before anything else."""
         assert self.transport is not None
         relay = info_from_p2p_addr(addr.decapsulate(multiaddr.Multiaddr("/p2p-circuit")))
-        await self.host.connect(relay)
+        try:
+            await self.host.connect(relay)
+        except Exception as e:
+            if (mismatch := refusal_error(self.host, relay)) is not None:
+                raise mismatch from e  # the relay is on the other side of a swarm key
+            raise
         self.host.get_peerstore().add_addrs(peer, [addr], 3600)
         return await self.transport.dial(addr)
 

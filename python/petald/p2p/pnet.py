@@ -292,7 +292,8 @@ def refusal_error(host: IHost, peer: PeerInfo) -> SwarmKeyMismatch | None:
     why = protector.refused_dials.pop(str(peer.peer_id), None) if protector else None
     if why is None:
         return None
-    addr = str(peer.addrs[0]) if peer.addrs else str(peer.peer_id)
+    # The transport address (the peer id is the peer's, not its address; callers pass both).
+    addr = str(peer.addrs[0]).split("/p2p/")[0] if peer.addrs else str(peer.peer_id)
     return SwarmKeyMismatch(mismatch_message(addr, why), peer=str(peer.peer_id))
 
 
