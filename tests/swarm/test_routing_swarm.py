@@ -338,7 +338,7 @@ def open_without_c(swarm, reference) -> float:
     with joined(swarm, deny) as c:
         t0 = time.monotonic()
         # The error says why: the server that refused was busy, and for how long.
-        busy = pytest.raises(RoutingError, match="busy.*retry after")
+        busy = pytest.raises(RoutingError, match=r"busy.*retry after")
         with busy, seq_of(c).inference_session(max_length=16) as s:
             s.step(reference[0][:, :1])
         took = time.monotonic() - t0
