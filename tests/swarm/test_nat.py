@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from petald.testing import DaemonProcess, Processes, start_daemon
+from petald.testing.wan import sh
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +36,6 @@ NET = "10.211"
 RELAY_C, CLIENT = f"{NET}.1.1", f"{NET}.1.2"
 RELAY_S, SERVER_WAN, SERVER_LAN = f"{NET}.2.1", f"{NET}.2.2", f"{NET}.3.2"
 READY_TIMEOUT = 60.0
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(args, capture_output=True, text=True, timeout=30)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
 
 
 class Namespaces:

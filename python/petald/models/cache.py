@@ -189,16 +189,19 @@ class RemoteCache(Cache):
         the new tokens only), are zeros. Tokens that are not the ones held roll back."""
         k, self._replayed = self._replayed, 0
         n = hidden.shape[1]
-        ids = input_ids.to("cpu") if input_ids is not None else None
         held = self.token_ids
-        if ids is None or held is None or n <= k or not torch.equal(ids[:, :k], held[:, :k]):
+        if (
+            input_ids is None
+            or held is None
+            or n <= k
+            or not torch.equal(input_ids[:, :k].to("cpu"), held[:, :k])
+        ):
             self.rollback(0)  # not the held tokens after all: compute everything
             return self.step(hidden, attention_mask, position_ids, input_ids)
         tail_positions = position_ids[..., k:] if position_ids is not None else None
         if tail_positions is None:
             tail_positions = torch.arange(k, n).expand(hidden.shape[0], n - k)
-        tail_ids = input_ids[:, k:] if input_ids is not None else None
-        out = self.step(hidden[:, k:], attention_mask, tail_positions, tail_ids)
+        out = self.step(hidden[:, k:], attention_mask, tail_positions, input_ids[:, k:])
         return torch.cat([out.new_zeros(out.shape[0], k, out.shape[2]), out], 1)
 
     def sync_prefix(self, input_ids: torch.Tensor | None) -> None:

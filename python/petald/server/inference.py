@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +42,7 @@ from petald.server.handlers import (
     reset_stream,
 )
 from petald.server.memory import MAX_SESSIONS_PER_PEER, SESSION_IDLE_TIMEOUT, Busy
-from petald.server.push import TOKEN_BYTES, Pushed, PushLink, PushRegistry
+from petald.server.push import TOKEN_BYTES, Pushed, PushLink, PushRegistry, StreamOpener
 from petald.wire import trace
 from petald.wire.frames import Frame
 from petald.wire.messages import read_message, write_message
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 INBOX_SIZE = 4
 # Pushes kept for steps not yet announced by the client (a push may overtake its step header).
 MAX_PUSHED = 4
-StreamOpener = Callable[[str, Any], Awaitable[Any]]
 
 
 class InferenceSessions:
