@@ -6,7 +6,7 @@ numpy arrays of any dtype) and are read without copying. Errors are the classes 
 `RoutingTableError` (a `ValueError`) for Kademlia arguments."""
 
 from collections.abc import Sequence
-from typing import Final, Literal, Self, final
+from typing import Any, Final, Literal, Self, final
 
 from typing_extensions import Buffer
 
@@ -79,6 +79,21 @@ def canonical_codec(spec: str) -> str:
 
 def dtype_names() -> list[str]:
     """The dtypes a frame can carry, spelled as torch spells them."""
+
+def gguf_index(
+    data: Buffer,
+) -> tuple[int, dict[str, Any], list[tuple[str, int, tuple[int, ...], int]], int]:
+    """Parses the header of a GGUF file (versions 2 and 3) held in `data` (e.g. an mmap of the
+    file): (version, metadata, tensors as (name, ggml type code, dims innermost first, absolute
+    byte offset), start of the data section). Raises GGUFError on a malformed header."""
+
+GGUF_DEQUANT_TYPES: Final[tuple[int, int, int]]
+"""ggml type codes `gguf_dequantize` takes: Q4_0, Q4_1, Q8_0."""
+
+def gguf_dequantize(ggml_type: int, data: Buffer) -> bytearray:
+    """f32 weights (native byte order) of `data`, whole blocks of `ggml_type`, computed as the
+    `gguf` package's numpy code does, bit for bit. Raises GGUFError on another type or a
+    partial block."""
 
 @final
 class DecodedTensor:

@@ -15,6 +15,8 @@ import trio
 
 from petald.dht.announce import AnnounceConfig
 from petald.dht.node import DhtConfig
+from petald.metrics import Metrics
+from petald.notify import notifier
 from petald.p2p.config import P2PConfig
 from petald.p2p.dialback import DialBackService, determine_reachability
 from petald.p2p.echo import EchoService
@@ -26,7 +28,9 @@ from petald.stack import Stack, build_stack
 log = logging.getLogger(__name__)
 
 
-def ready_line(host: P2PHost, reachability: str | None = None) -> str:
+def ready_line(
+    host: P2PHost, reachability: str | None = None, metrics_url: str | None = None
+) -> str:
     from petald import __version__
 
     line = {
@@ -37,6 +41,8 @@ def ready_line(host: P2PHost, reachability: str | None = None) -> str:
     }
     if reachability is not None:
         line["reachability"] = reachability
+    if metrics_url is not None:
+        line["metrics"] = metrics_url
     return json.dumps(line)
 
 
@@ -55,9 +61,11 @@ async def _stop_on_signal(
                 name = signal.Signals(sig).name
                 if drain is None or nursery.child_tasks:
                     log.info("received %s, stopping", name)
+                    notifier().stopping("stopping")
                     cancel()
                     return
                 log.info("received %s: draining (send it again to stop at once)", name)
+                notifier().stopping("draining: active sessions finish, no new ones")
                 print(json.dumps({"event": "draining"}), flush=True)
 
                 async def drain_then_stop() -> None:
@@ -75,16 +83,21 @@ async def run_daemon(
     announce_ready: Callable[[str], None] | None = None,
     on_started: Callable[[Stack, str, trio.Nursery], Awaitable[None]] | None = None,
     on_drain: Callable[[], Awaitable[None]] | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Runs until cancelled or signalled. `on_started(stack, reachability, nursery)` runs once
     joined (e.g. `petald serve` starts serving there), before the JSON ready line goes to
-    `announce_ready` (default: printed on stdout). `on_drain` runs on the first signal."""
+    `announce_ready` (default: printed on stdout). `on_drain` runs on the first signal.
+    `metrics` (--metrics) is served from the start, before joining; its URL is in the ready line."""
     identity_path = config.identity or default_identity_path()
     key_pair, created = load_or_create_identity(identity_path)
     if created:
         log.info("created identity %s", identity_path)
+    notify = notifier()  # systemd's notify socket, if under Type=notify (petald.notify)
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, nursery.cancel_scope.cancel, on_drain)
+        await nursery.start(notify.run)
+        notify.status("starting a new swarm" if config.new_swarm else "joining the swarm")
         t0 = trio.current_time()
         stack = build_stack(
             key_pair,
@@ -95,10 +108,15 @@ async def run_daemon(
         )
         host, relay = stack.host, stack.relay
         EchoService(host.host).serve()
+        metrics_url = None
+        if metrics is not None:  # before the first connection: it counts their bytes
+            metrics.watch_stack(stack)
+            metrics_url = await nursery.start(metrics.serve)
         await stack.start(nursery, before_join=[DialBackService(host.host, host.pnet.key).run])
         t2 = trio.current_time()
         stamp("daemon.joined")
         log.info("joined and bootstrapped the DHT in %.2f s", t2 - t0)
+        notify.status("checking reachability")
         # Private: stop offering HOP, reserve on relays among our peers, advertise the circuit
         # addresses (ready line and identify) before we say we are ready.
         reachability = await determine_reachability(host.host, config.reachability)
@@ -108,12 +126,15 @@ async def run_daemon(
         stamp("daemon.reachability")
         if on_started is not None:  # e.g. `petald serve`: register block RPCs, announce
             await on_started(stack, reachability.status, nursery)
-        line = ready_line(host, reachability.status)
+        line = ready_line(host, reachability.status, metrics_url)
         stamp("daemon.ready")
         if announce_ready is None:
             print(line, flush=True)
         else:
             announce_ready(line)
+        if on_started is None:
+            notify.status(f"online: {reachability.status} node {host.peer_id}")
+        notify.ready()  # after the ready line: whoever waits on either sees the same state
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -129,6 +150,7 @@ def main(
     announce_config: AnnounceConfig | None = None,
     on_started: Callable[[Stack, str, trio.Nursery], Awaitable[None]] | None = None,
     on_drain: Callable[[], Awaitable[None]] | None = None,
+    metrics: Metrics | None = None,
 ) -> int:
     try:
         trio.run(
@@ -138,6 +160,7 @@ def main(
                 announce_config=announce_config,
                 on_started=on_started,
                 on_drain=on_drain,
+                metrics=metrics,
             )
         )
     except BaseExceptionGroup as group:
@@ -147,6 +170,8 @@ def main(
         if len(leaves) == 1:
             raise leaves[0] from None
         raise
+    finally:
+        notifier().close()
     print(json.dumps({"event": "stopped"}), flush=True)
     sys.stdout.flush()
     return 0

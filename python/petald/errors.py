@@ -57,11 +57,14 @@ class HubUnreachable(PetaldError, ConnectionError):
 
 
 class PeerUnavailable(PetaldError):
-    """A peer could not be reached or stopped answering. `peer` is its id when known."""
+    """A peer could not be reached or stopped answering. `peer` is its id when known;
+    `stalled`: it stopped answering on an open stream (its connection may be dead without
+    either side knowing, e.g. cut off by a partition)."""
 
-    def __init__(self, message: str = "", *, peer: str = "") -> None:
+    def __init__(self, message: str = "", *, peer: str = "", stalled: bool = False) -> None:
         super().__init__(message)
         self.peer = peer
+        self.stalled = stalled
 
 
 class SwarmKeyMismatch(PeerUnavailable):
@@ -136,3 +139,8 @@ class RecordError(WireError, ValueError):
     def __init__(self, message: str, reason: str = "malformed") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class GGUFError(PetaldError, ValueError):
+    """A GGUF checkpoint file is malformed or truncated (`petald._native.gguf_index`, or a
+    tensor whose bytes lie past the end of the file)."""

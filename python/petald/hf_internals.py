@@ -197,16 +197,11 @@ class _StateNames:
         return []
 
 
-def gguf_processor(reader: Any, config: PretrainedConfig) -> Any:
-    """transformers' tensor processor for a GGUF file's architecture (it undoes llama.cpp's
-    layout changes, e.g. the Q/K permutation, and merges MoE experts)."""
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        read_field,
-    )
+def gguf_processor(arch: str, config: PretrainedConfig) -> Any:
+    """transformers' tensor processor for a GGUF file's architecture (`general.architecture`):
+    it undoes llama.cpp's layout changes, e.g. the Q/K permutation, and merges MoE experts."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    arch = read_field(reader, "general.architecture")[0]
     # The processors read head counts and sizes under HF config names, as to_dict() has them.
     return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
 

@@ -22,6 +22,9 @@ from petald.p2p.host import P2PHost
 from petald.p2p.relay import RelayService
 from petald.p2p.swarm_view import SwarmView
 
+# Addresses a server's announcement lists (ours, circuit ones first).
+MAX_ANNOUNCED_ADDRS = 8
+
 
 @dataclass
 class Stack:
@@ -62,12 +65,18 @@ def build_stack(
     """Constructs (without starting) a peer's stack; register extra protocol handlers on
     `stack.host.host` before `await stack.start(nursery)`."""
     host = P2PHost(key_pair, config)
-    relay = RelayService(host.host, offer_hop=offer_hop, on_addrs_changed=host.set_circuit_addrs)
+    announcer: Announcer | None = None
+
+    def addrs_changed(circuit_addrs: list[str]) -> None:
+        host.set_circuit_addrs(circuit_addrs)
+        if announcer is not None:  # a server's announcement carries its addresses
+            announcer.readdress(tuple(host.addrs()[:MAX_ANNOUNCED_ADDRS]))
+
+    relay = RelayService(host.host, offer_hop=offer_hop, on_addrs_changed=addrs_changed)
     dialer = Dialer(host.host, relay.transport)
     dht = DhtNode(host.host, dht_config, dialer=dialer)
-    announcer = (
-        Announcer(host.host, dht, key_pair, SwarmView(), announce_config) if announcements else None
-    )
+    if announcements:
+        announcer = Announcer(host.host, dht, key_pair, SwarmView(), announce_config)
     return Stack(key_pair, host, relay, dialer, dht, announcer)
 
 

@@ -22,6 +22,11 @@ MAX_NAME = 256
 MAX_ADAPTERS = 64
 MAX_ADDRS = 16
 MAX_ANNOUNCEMENT_BYTES = 16 * 1024
+# Weight hashes (petald.server.weights): one digest per served block. 16-byte BLAKE2b digests
+# for up to 256 blocks take ~4.6 KiB of the 16 KiB announcement; no real model is deeper (the
+# largest have ~130 layers), and a longer span announces none (treated as an older server's).
+WEIGHT_HASH_BYTES = 16
+MAX_WEIGHT_HASHES = 256
 
 
 class AnnouncementError(WireError, ValueError):
@@ -73,12 +78,17 @@ class ServerInfo:
     public_name: str = ""
     addrs: tuple[str, ...] = ()
     version: str = ""
+    # BLAKE2b-128 of each served block's weights as loaded, before quantization (one per block
+    # of `blocks`, in order; empty: not announced, e.g. an older server). A server's claim, not
+    # a proof: see petald.client.verify for what a client makes of it.
+    weight_hashes: tuple[bytes, ...] = ()
 
     def to_cbor(self) -> bytes:
         d = asdict(self)
         d["blocks"] = [self.blocks.start, self.blocks.end]
         d["adapters"] = list(self.adapters)
         d["addrs"] = list(self.addrs)
+        d["weight_hashes"] = list(self.weight_hashes)
         return cbor2.dumps(d, canonical=True)
 
     @classmethod
@@ -132,6 +142,16 @@ class ServerInfo:
         n_blocks = d.get("n_blocks", 0)
         if type(n_blocks) is not int or not (n_blocks == 0 or blocks[1] <= n_blocks <= MAX_BLOCKS):
             raise ValueError("n_blocks must be 0 or a block count covering the served span")
+        hashes = d.get("weight_hashes", [])
+        if not (
+            isinstance(hashes, list)
+            and (not hashes or len(hashes) == blocks[1] - blocks[0] <= MAX_WEIGHT_HASHES)
+            and all(type(h) is bytes and len(h) == WEIGHT_HASH_BYTES for h in hashes)
+        ):
+            raise ValueError(
+                f"weight_hashes must be empty or one {WEIGHT_HASH_BYTES}-byte digest per served "
+                f"block (at most {MAX_WEIGHT_HASHES})"
+            )
         model = text("model", required=True)
         if not model:
             raise ValueError("model must not be empty")
@@ -149,4 +169,5 @@ class ServerInfo:
             public_name=text("public_name", limit=64),
             addrs=strings("addrs", MAX_ADDRS),
             version=text("version", limit=64),
+            weight_hashes=tuple(hashes),
         )

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
+from libp2p.peer.id import ID
 from transformers import LlamaForCausalLM
 
 from petald.client import ClientConfig, RemoteSequential, SwarmClient
-from petald.errors import RoutingError
+from petald.errors import PeerUnavailable, RoutingError
 from petald.testing import DaemonProcess, Processes
 from petald.testing.models import save_tiny_llama
 
@@ -213,3 +215,23 @@ def test_failover_mid_session_keeps_outputs_identical(client, swarm, reference, 
         )
         assert e < TOL
     assert any("failover" in r.message for r in caplog.records)
+
+
+def test_a_peer_that_stalled_is_disconnected(client, swarm) -> None:
+    """A step that got no answer in time (PeerUnavailable.stalled) bans the peer and closes its
+    connections, so that a later stream dials anew instead of riding a TCP connection a
+    partition may have left dead. Catches: the connection kept (the disconnect dropped)."""
+    a = swarm["A"]  # holds block 0: never the failover test's victim
+    peer = ID.from_base58(a.peer_id)
+    network = client.stack.host.host.get_network()
+
+    async def stall_and_wait() -> None:
+        await client.stack.dialer.ensure_connected(peer)
+        assert network.get_connections(peer)
+        client.ban(a.peer_id, PeerUnavailable("no answer", peer=a.peer_id, stalled=True))
+        with trio.fail_after(10):
+            while network.get_connections(peer):
+                await trio.sleep(0.05)
+
+    client.run(stall_and_wait)
+    client.bans.succeeded(a.peer_id)

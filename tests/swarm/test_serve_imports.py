@@ -75,3 +75,18 @@ def test_daemon_modules_import_no_torch_or_transformers() -> None:
     code += "print(sorted({m.partition('.')[0] for m in sys.modules} & {'torch', 'transformers'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_serve_flags_parse_before_libp2p_is_imported() -> None:
+    """`petald serve` spawns its compute process (which then spends seconds importing torch and
+    loading) as soon as its flags are parsed; py-libp2p's import (~2 s) must come after, in
+    parallel. Catches: a module on the flag-parsing path (petald.cli, cli.serve, server.allow,
+    wire.protocols) importing libp2p at module level, as server.allow once did."""
+    code = (
+        "import sys\nimport petald.cli as c\n"
+        "c._parser().parse_args(['serve', 'm', '--blocks', '0:2', '--allow-peers', "
+        "'12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo'])\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('libp2p', 'torch')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

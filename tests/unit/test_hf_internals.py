@@ -225,14 +225,8 @@ def test_convert_block_tensors_fuses_mixtral_experts(tmp_path: Path) -> None:
 
 
 def test_gguf_maps_of_the_real_model() -> None:
-    from gguf import GGUFReader
-
-    from petald.testing.models import smollm2_gguf
-
-    path = smollm2_gguf()
-    reader = GGUFReader(str(path))
     config = LlamaConfig(**dict(LLAMA, num_hidden_layers=30))
-    processor = hf.gguf_processor(reader, config)
+    processor = hf.gguf_processor("llama", config)
     names = ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"]
     mapping = hf.gguf_names(names, "model", processor, config)
     assert mapping["blk.0.attn_q.weight"] == names[0]

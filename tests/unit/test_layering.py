@@ -14,6 +14,7 @@ LAYERS = {
     "errors": 0,
     "types": 0,
     "_native": 0,
+    "notify": 0,  # the systemd notify protocol: stdlib and trio only, used from server up
     "wire": 1,
     "p2p": 2,
     "dht": 3,
@@ -21,6 +22,8 @@ LAYERS = {
     "client": 4,
     "models": 5,
     "stack": 3,  # assembles p2p and dht services; servers and clients both start one
+    "web": 3,  # HTTP serving, the health page, latency probes (over p2p)
+    "metrics": 3,  # a daemon's Prometheus registry; servers meter their requests into it
     "daemon": 6,
     "cli": 7,
     "testing": 7,

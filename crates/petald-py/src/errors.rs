@@ -3,6 +3,8 @@
 
 use petald_core::codec::CodecError;
 use petald_core::frame::FrameError;
+use petald_core::gguf::dequant::DequantError;
+use petald_core::gguf::GgufError;
 use petald_core::kad::KadError;
 use pyo3::PyErr;
 
@@ -10,6 +12,7 @@ mod py {
     pyo3::import_exception!(petald.errors, FrameError);
     pyo3::import_exception!(petald.errors, CodecError);
     pyo3::import_exception!(petald.errors, RoutingTableError);
+    pyo3::import_exception!(petald.errors, GGUFError);
 }
 
 pub fn frame_err(e: FrameError) -> PyErr {
@@ -25,4 +28,12 @@ pub fn codec_err(e: CodecError) -> PyErr {
 
 pub fn kad_err(e: KadError) -> PyErr {
     py::RoutingTableError::new_err(e.to_string())
+}
+
+pub fn gguf_err(e: GgufError) -> PyErr {
+    py::GGUFError::new_err(e.to_string())
+}
+
+pub fn gguf_dequant_err(e: DequantError) -> PyErr {
+    py::GGUFError::new_err(e.to_string())
 }

@@ -4,6 +4,7 @@
 mod buffer;
 mod errors;
 mod frame;
+mod gguf;
 mod kad;
 
 use pyo3::prelude::*;
@@ -24,6 +25,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(frame::dtype_names, m)?)?;
     m.add_class::<frame::DecodedTensor>()?;
     m.add_class::<frame::FrameDecoder>()?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_index, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_dequantize, m)?)?;
+    {
+        use petald_core::gguf::dequant;
+        m.add("GGUF_DEQUANT_TYPES", (dequant::Q4_0, dequant::Q4_1, dequant::Q8_0))?;
+    }
     kad::register(m)?;
     Ok(())
 }

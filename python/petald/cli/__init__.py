@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from petald import __version__
+from petald.cli.api import add_arguments as add_api_arguments
 from petald.cli.chat import add_arguments as add_chat_arguments
 from petald.cli.chat import add_swarm_key_arg
+from petald.cli.config import apply_config
+from petald.cli.config_show import add_command as add_config_command
 from petald.cli.demo import add_arguments as add_demo_arguments
 from petald.cli.serve import add_arguments as add_serve_arguments
+from petald.cli.serve import add_metrics_arg, metrics_of
 from petald.cli.systemd import add_arguments as add_systemd_arguments
+from petald.cli.weights import add_arguments as add_weights_arguments
 from petald.errors import PetaldError
 from petald.server.openmp import with_openmp_defaults
 from petald.server.startup import stamp
@@ -45,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_p2p_args(node)
     add_dht_args(node, refresh=True)
+    add_metrics_arg(node)
     dht = sub.add_parser("dht", help="read or write a record in a swarm's DHT (as a client)")
     dht.add_argument("op", choices=["get", "put"])
     dht.add_argument("key")
@@ -80,8 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     add_p2p_args(serve)
     unit = sub.add_parser(
         "systemd-unit",
-        help="print a systemd unit that runs a `petald serve` command as a service",
-        description="Print a systemd unit for the `petald serve` command given after --. "
+        help="print a systemd unit (Type=notify, hardened) that runs a `petald serve` or "
+        "`petald node` command as a service",
+        description="Print a systemd unit for the `petald serve` (or node) command given after "
+        "--, its paths made absolute. "
         "Example: petald systemd-unit -- serve /srv/llama --blocks 20:40 --device cuda "
         "| sudo tee /etc/systemd/system/petald.service",
     )
@@ -93,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         "and print models, block coverage (ranges and how many servers serve them) and servers.",
     )
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    status.add_argument(
+        "--web",
+        action="store_true",
+        help="keep running and serve a self-refreshing health page of the swarm (and its JSON "
+        "at /api/status) on --listen HOST:PORT (default: 127.0.0.1:8001; port 0: any free "
+        "one); prints a JSON ready line with its URL",
+    )
     status.add_argument(
         "--model", action="append", default=[], help="also look up this model in the DHT"
     )
@@ -113,6 +128,16 @@ def _parser() -> argparse.ArgumentParser:
         "and stop it on exit. Answers stream as they are generated; /reset, /exit.",
     )
     add_chat_arguments(chat)
+    api = sub.add_parser(
+        "api",
+        help="serve an OpenAI-compatible HTTP API for a model on a swarm (a local one by default)",
+        description="Answer OpenAI's /v1/chat/completions, /v1/completions and /v1/models "
+        "for MODEL, whose blocks run on the swarm joined through --initial-peers; without it, "
+        "start a local swarm of MODEL (default: the demo model) and stop it on exit. Prints "
+        "one JSON line once it answers; SIGINT/SIGTERM stop it. --max-new-tokens bounds a "
+        "request's max_tokens (and is the chat default).",
+    )
+    add_api_arguments(api)
     demo = sub.add_parser(
         "demo",
         help="start a local swarm of the demo model, ask it one question, stop the swarm",
@@ -130,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     key.add_argument("op", choices=["new"])
     key.add_argument("file", nargs="?", type=Path, default=Path("swarm.key"), metavar="FILE")
+    weights = sub.add_parser(
+        "weights-hash",
+        help="print the weight hashes servers of MODEL announce, as a --trusted-weights file",
+        description="Load MODEL's blocks as `petald serve` does and write the hash of each "
+        "block's weights (JSON): clients given it with --trusted-weights route only through "
+        "servers announcing the same hashes (petald.client.trust).",
+    )
+    add_weights_arguments(weights)
+    add_config_command(sub)
     return parser
 
 
@@ -241,7 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     # process and the children it starts; why these: petald.server.openmp.
     stamp("daemon.main")
     os.environ.update(with_openmp_defaults(os.environ))
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    try:  # the config file and PETALD_* variables become defaults (petald.cli.config)
+        read, layers = apply_config(parser, sys.argv[1:] if argv is None else argv, os.environ)
+    except ValueError as e:
+        print(f"petald: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         if args.command == "swarm-key":
             from petald.p2p.pnet import write_new_key
@@ -252,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"of the swarm with --swarm-key {args.file}"
             )
             return 0
+        if args.command == "weights-hash":
+            from petald.cli.weights import run as weights_run
+
+            setup_logging("warning")
+            return weights_run(args)
         if args.command == "core-demo":
             from petald.cli.core_demo import run
 
@@ -260,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             from petald.daemon import main as daemon_main
 
             setup_logging(args.log_level)
-            return daemon_main(p2p_config(args), dht_config(args))
+            return daemon_main(p2p_config(args), dht_config(args), metrics=metrics_of(args))
         if args.command == "dht":
             from petald.cli.dht import run as dht_run
 
@@ -282,15 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "systemd-unit":
             from petald.cli.systemd import render
 
-            serve_parser = argparse.ArgumentParser(prog="petald serve")
-            add_serve_arguments(serve_parser)
-            add_p2p_args(serve_parser)
-            print(render(args, serve_parser), end="")
+            print(render(args, _parser()), end="")
             return 0
+        if args.command == "config":
+            from petald.cli.config_show import show
+
+            return show(args, parser, read, layers, _parser())
         if args.command == "status":
             from petald.cli.status import run as status_run
+            from petald.cli.status import run_web, split_listen
 
             setup_logging(args.log_level)
+            args.listen, web = split_listen(args.listen, web=args.web)
+            if web is not None:
+                return run_web(p2p_config(args), args.model, web)
             return status_run(
                 p2p_config(args), args.model, args.wait, args.json, args.expect_servers
             )
@@ -301,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             return ping_run(
                 args.multiaddr, args.count, args.payload_bytes, args.timeout, args.swarm_key
             )
+        if args.command == "api":
+            from petald.cli.api import run as api_run
+
+            setup_logging(args.log_level)
+            return api_run(args)
         if args.command in ("chat", "demo"):
             from petald.cli.chat import run as chat_run
             from petald.cli.demo import run as demo_run

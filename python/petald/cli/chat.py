@@ -89,6 +89,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=4096,
         help="tokens the conversation may reach in the servers' KV caches (default: 4096)",
     )
+    add_trust_arguments(p)
+
+
+def add_trust_arguments(p: argparse.ArgumentParser) -> None:
+    """Verified computation and weight hashes (petald.client.verify, petald.client.trust)."""
+    p.add_argument(
+        "--verify",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="re-run this fraction of steps on a second server holding the same blocks and ban "
+        "a server caught computing wrong outputs (e.g. 0.1; default: 0, off: a check costs "
+        "another server's compute and shows it your activations too)",
+    )
+    p.add_argument(
+        "--weights-policy",
+        choices=["off", "majority", "trusted"],
+        help="refuse servers whose announced weight hashes differ from most servers' of the "
+        "same blocks (majority) or from --trusted-weights (trusted; the default with it, else "
+        "off)",
+    )
+    p.add_argument(
+        "--trusted-weights",
+        type=Path,
+        metavar="FILE",
+        help="the hashes `petald weights-hash MODEL -o FILE` wrote: use only servers that "
+        "announce them",
+    )
 
 
 def conversation_config(args: argparse.Namespace, *, sampling=None):  # -> ConversationConfig
@@ -106,6 +134,14 @@ def conversation_config(args: argparse.Namespace, *, sampling=None):  # -> Conve
         )
     if args.servers < 1:
         raise ValueError("--servers must be at least 1")
+    verify = getattr(args, "verify", 0.0)
+    if not 0.0 <= verify <= 1.0:
+        raise ValueError(f"--verify {verify}: give a fraction of steps in [0, 1], e.g. 0.1")
+    trusted = getattr(args, "trusted_weights", None)
+    if trusted is not None:
+        from petald.client.trust import TrustedWeights
+
+        TrustedWeights.load(trusted)  # a missing or malformed file fails before anything starts
     return ConversationConfig(
         model=args.model,
         initial_peers=tuple(args.initial_peers),
@@ -116,6 +152,9 @@ def conversation_config(args: argparse.Namespace, *, sampling=None):  # -> Conve
         max_length=getattr(args, "max_length", 4096),
         wait=args.wait,
         sampling=sampling,
+        verify_fraction=verify,
+        weights_policy=getattr(args, "weights_policy", None),
+        trusted_weights=trusted,
     )
 
 

@@ -67,7 +67,8 @@ class Child:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Every flag it needs is given: no config file or PETALD_* layer (petald.cli.config)
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PETALD_NO_CONFIG": "1"},
             start_new_session=True,
         )
         return cls(proc, name, log)

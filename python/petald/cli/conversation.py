@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,10 @@ class ConversationConfig:
     wait: float = 60.0  # seconds to wait for the swarm to serve every block
     sampling: Sampling = field(default_factory=Sampling)
     quiet: bool = False
+    # Verified computation and weight hashes (petald.client.verify, petald.client.trust).
+    verify_fraction: float = 0.0
+    weights_policy: str | None = None
+    trusted_weights: Path | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
@@ -218,7 +222,7 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
         tokenizer = Background(load_tokenizer, source)
         # Our own client, closed before the swarm stops: a load still waiting for the servers
         # when one of them fails then ends, instead of redialling a vanished swarm.
-        client = _join(peers, config.swarm_key)
+        client = _join(peers, config.swarm_key, config)
         stack.callback(client.close)
         model = Background(_load_model, source, client, name, wait)
         stack.callback(model.close)
@@ -236,7 +240,9 @@ def open_conversation(config: ConversationConfig) -> Iterator[Conversation]:
         yield chat
 
 
-def _join(peers: list[str], swarm_key: Path | None = None) -> Any:
+def _join(
+    peers: list[str], swarm_key: Path | None = None, trust: ConversationConfig | None = None
+) -> Any:
     from petald.client import ClientConfig, SwarmClient
 
     # py-libp2p resets its logger when first imported (level WARNING, no handler, so Python's
@@ -245,6 +251,13 @@ def _join(peers: list[str], swarm_key: Path | None = None) -> Any:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     config = ClientConfig(initial_peers=tuple(peers), swarm_key=swarm_key)
+    if trust is not None:  # `petald chat --verify/--weights-policy/--trusted-weights`
+        config = replace(
+            config,
+            verify_fraction=trust.verify_fraction,
+            weights_policy=trust.weights_policy,  # type: ignore[arg-type]
+            trusted_weights=trust.trusted_weights,
+        )
     return SwarmClient(config=config).start()
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from petald.server.allow import parse_allow_peers
 from petald.server.serve_config import ServeConfig, worker_spec
 from petald.types import BlockRange
+
+if TYPE_CHECKING:
+    from petald.metrics import Metrics
 
 QUANT_MODES = ("none", "int8", "nf4")
 
@@ -65,12 +69,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="answer block requests only from these clients (peer ids, comma-separated, or a "
         "file of them); other servers of the swarm still push to us (petald.server.allow)",
     )
+    add_metrics_arg(p)
     p.add_argument(
         "--rebalance-period",
         type=float,
         default=600.0,
         help="with --num-blocks: seconds between balance checks (0: never move)",
     )
+
+
+def add_metrics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; port 0: "
+        "any free port, the ready line says which; 127.0.0.1 keeps them on this machine)",
+    )
+
+
+def metrics_of(args: argparse.Namespace) -> Metrics | None:
+    """The daemon's `Metrics` for `--metrics HOST:PORT` (None without it)."""
+    if args.metrics is None:
+        return None
+    from petald.metrics import Metrics
+    from petald.web.http import HttpAddress
+
+    return Metrics(HttpAddress.parse(args.metrics, flag="--metrics"))
 
 
 def model_name(source: str) -> str:
@@ -121,10 +145,14 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(p2p, args: argparse.Namespace) -> int:
+    from petald.notify import notifier
     from petald.server.executor import spawn_worker
     from petald.server.startup import stamp
 
     config = serve_config(args)
+    metrics = metrics_of(args)
+    # Under systemd: the compute process reports its loading progress to us (petald.notify).
+    notifier().relay_children()
     # With --blocks the span is known now: the compute process imports torch and loads it
     # while this process imports py-libp2p and joins the swarm (both take seconds).
     worker = spawn_worker(worker_spec(config, config.blocks)) if config.blocks else None
@@ -139,14 +167,14 @@ def run(p2p, args: argparse.Namespace) -> int:
         server: list[BlockServer] = []
 
         async def on_started(stack: Stack, reachability: str, nursery: trio.Nursery) -> None:
-            server.append(BlockServer(config, stack, reachability, worker))
+            server.append(BlockServer(config, stack, reachability, worker, metrics))
             await nursery.start(server[0].run)
 
         async def on_drain() -> None:
             if server:
                 await server[0].drain()
 
-        return daemon_main(p2p, on_started=on_started, on_drain=on_drain)
+        return daemon_main(p2p, on_started=on_started, on_drain=on_drain, metrics=metrics)
     finally:
         if worker is not None:
             worker.close()  # stopped already if it served; not if the daemon never got to it

@@ -7,11 +7,11 @@ in a fraction of a second. Entry point: `load_tokenizer(source)`."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from petald.cache import gguf_entry, save_pretrained_entry
 
 
 def load_tokenizer(source: str) -> Any:
@@ -20,39 +20,12 @@ def load_tokenizer(source: str) -> Any:
     path = Path(source).expanduser()
     if not (path.is_file() and path.suffix.lower() == ".gguf"):
         return AutoTokenizer.from_pretrained(source)
-    cached = _cache_path(path)
+    cached = gguf_entry("tokenizers", path)
     if (cached / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(cached))
         except Exception:  # a damaged entry: converted again below, and replaced
             shutil.rmtree(cached, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    _save(tokenizer, cached)
+    save_pretrained_entry(tokenizer, cached)
     return tokenizer
-
-
-def _cache_path(gguf: Path) -> Path:
-    import transformers
-
-    from petald.server.throughput import cache_dir
-
-    stat = gguf.stat()
-    key = f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
-    return cache_dir() / "tokenizers" / key
-
-
-def _save(tokenizer: Any, where: Path) -> None:
-    """Saved into a fresh directory then renamed into place, so that a concurrent reader sees
-    a whole entry or none; a cache we cannot write only costs the next start its time."""
-    try:
-        where.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=where.parent))
-    except OSError:
-        return
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        os.rename(tmp, where)
-    except OSError:  # another process saved it first, or the disk is full
-        pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -193,14 +193,21 @@ class PeerBans:
     cap: float = 300.0
     _until: dict[str, float] = field(default_factory=dict)
     _strikes: dict[str, int] = field(default_factory=dict)
+    # peer -> end of a ban the client must not cut short: `hard` or `at_least` (see `firm`)
+    _firm: dict[str, float] = field(default_factory=dict)
 
-    def ban(self, peer: str, now: float, *, at_least: float = 0.0) -> float:
-        """Bans `peer`; returns for how many seconds."""
+    def ban(self, peer: str, now: float, *, at_least: float = 0.0, hard: float = 0.0) -> float:
+        """Bans `peer`; returns for how many seconds. `at_least` (e.g. a busy server's retry
+        time, the peer's own word) is bounded by `cap`; `hard` is not (the client's own
+        verdict, e.g. wrong outputs: petald.client.verify). A ban never shortens an earlier
+        one that lasts longer."""
         strikes = self._strikes.get(peer, 0) + 1
         self._strikes[peer] = strikes
-        seconds = max(at_least, min(self.cap, self.base * 2 ** (strikes - 1)))
-        self._until[peer] = now + min(seconds, self.cap)
-        return min(seconds, self.cap)
+        seconds = max(min(self.cap, max(at_least, self.base * 2 ** (strikes - 1))), hard)
+        self._until[peer] = max(self._until.get(peer, now), now + seconds)
+        if hard > 0 or at_least > 0:
+            self._firm[peer] = self._until[peer]
+        return self._until[peer] - now
 
     def succeeded(self, peer: str) -> None:
         self._strikes.pop(peer, None)
@@ -210,3 +217,10 @@ class PeerBans:
         for p in [p for p, t in self._until.items() if t <= now]:
             del self._until[p]
         return set(self._until)
+
+    def firm(self, now: float) -> set[str]:
+        """The peers banned by the client's own verdict (`hard`: wrong outputs) or at their
+        own word (`at_least`: busy, retry after), not merely for failing."""
+        for p in [p for p, t in self._firm.items() if t <= now]:
+            del self._firm[p]
+        return set(self._firm)

@@ -159,7 +159,9 @@ async def _read_reply(
             if stamps is not None:
                 stamps.append(trace.now())
     except trio.TooSlowError:
-        raise PeerUnavailable(f"{peer}: no answer within {timeout:.1f} s", peer=peer) from None
+        raise PeerUnavailable(
+            f"{peer}: no answer within {timeout:.1f} s", peer=peer, stalled=True
+        ) from None
     except WireError as e:  # garbage, or a stream that ended mid-message
         raise BadReply(peer, str(e)) from None
     except PetaldError:

@@ -27,9 +27,11 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
 
 from petald.client.routing import PeerBans, RoutePlanner, RoutingPolicy, missing_blocks
 from petald.client.rpc import call_info
+from petald.client.trust import WEIGHTS_POLICIES, TrustedWeights, WeightsFilter, WeightsPolicy
 from petald.client.tuning import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from petald.dht.node import DhtConfig
 from petald.errors import PeerUnavailable, PetaldError, RoutingError, SessionClosed
@@ -67,6 +69,17 @@ class ClientConfig:
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     # A private swarm's pre-shared key file (petald.p2p.pnet), as `--swarm-key` takes it.
     swarm_key: Path | None = None
+    # Verified computation (petald.client.verify): the fraction of inference steps re-run on a
+    # second server (0: off, the default: a check costs another server's compute and shows it
+    # your activations too; 0.05-0.1 on a public swarm), the seed of which steps, and K in the
+    # comparison tolerance K * eps(dtype) * max|output| * sqrt(blocks).
+    verify_fraction: float = 0.0
+    verify_seed: int | None = None
+    verify_k: float = 8.0
+    # Weight hashes (petald.client.trust): "off", "majority" or "trusted"; None: "trusted" when
+    # a `trusted_weights` file (`petald weights-hash`) is given, else "off".
+    weights_policy: WeightsPolicy | None = None
+    trusted_weights: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -75,6 +88,21 @@ class ClientConfig:
             load_key(self.swarm_key)  # a missing or malformed key file fails here, not later
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if not 0.0 <= self.verify_fraction <= 1.0:  # NaN fails too
+            raise ValueError(f"verify_fraction {self.verify_fraction}: give a fraction in [0, 1]")
+        if not 0.0 < self.verify_k < math.inf:
+            raise ValueError("verify_k must be a positive number")
+        if self.weights_policy is not None and self.weights_policy not in WEIGHTS_POLICIES:
+            raise ValueError(
+                f"weights policy {self.weights_policy!r}: use one of {', '.join(WEIGHTS_POLICIES)}"
+            )
+        self.weights_filter()  # a missing or malformed trusted weights file fails here
+
+    def weights_filter(self) -> WeightsFilter:
+        """The filter of servers by announced weight hashes this config asks for."""
+        trusted = TrustedWeights.load(self.trusted_weights) if self.trusted_weights else None
+        policy = self.weights_policy or ("trusted" if trusted else "off")
+        return WeightsFilter(policy, trusted)
 
 
 def serial_torch_in_this_thread() -> bool:
@@ -118,11 +146,13 @@ class SwarmClient:
         self.key_pair = key_pair or create_new_key_pair()
         self.planner = RoutePlanner(self.config.policy)
         self.bans = PeerBans()  # loop thread only, like everything below
+        self.weights = self.config.weights_filter()
         self.rtts: dict[str, float] = {}
         # (max_batch, max_tokens) per request, from each probed peer's `info`.
         self.limits: dict[str, tuple[int, int]] = {}
         self.stack: Stack | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -185,6 +215,7 @@ class SwarmClient:
             swarm_key=self.config.swarm_key,
         )
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             stack = build_stack(self.key_pair, p2p, dht_config=DhtConfig(client_mode=True))
             try:
                 with trio.fail_after(self.config.start_timeout):
@@ -232,7 +263,7 @@ class SwarmClient:
 
     def live_servers(self, model: str, adapter: str | None = None) -> list[ServerEntry]:
         """`model`'s servers in the view; with `adapter`, only those that announce it."""
-        servers = self.view.servers(model, now=time.time())
+        servers = self.weights(self.view.servers(model, now=time.time()))
         if adapter is None:
             return servers
         return [e for e in servers if adapter in e.info.adapters]
@@ -240,16 +271,53 @@ class SwarmClient:
     def banned(self) -> set[str]:
         return self.bans.banned(trio.current_time())
 
-    def ban(self, peer: str, error: BaseException, *, at_least: float = 0.0) -> None:
+    def route_bans(self, model: str, adapter: str | None = None) -> set[str]:
+        """The peers a route must avoid: the banned ones, except a peer banned merely for
+        failing (not for wrong outputs, not busy: PeerBans.firm) that is the only online server
+        of one of its blocks. With no other server to go to, a peer that failed once (its relay
+        lost, a dropped connection) is worth another try; without this its blocks had no route
+        until the ban ended."""
+        banned = self.banned()
+        if not banned:
+            return banned
+        servers = self.live_servers(model, adapter)
+        covered = {
+            b
+            for e in self.planner.eligible(servers, model, banned)
+            for b in range(e.info.blocks.start, e.info.blocks.end)
+        }
+        back = {
+            e.peer_id
+            for e in self.planner.eligible(servers, model, self.bans.firm(trio.current_time()))
+            if e.peer_id in banned
+            and any(b not in covered for b in range(e.info.blocks.start, e.info.blocks.end))
+        }
+        if back:
+            log.info("trying banned %s again: no other online server holds its blocks", back)
+        return banned - back
+
+    def ban(
+        self, peer: str, error: BaseException, *, at_least: float = 0.0, hard: float = 0.0
+    ) -> None:
         """Leaves `peer` out of routes for a while (PeerBans), at least `at_least` s and at
         least the `retry_after` a busy server asked for (bounded by the bans' cap: it is the
-        peer's word)."""
+        peer's word), and at least `hard` s (not bounded: our own verdict)."""
         retry = getattr(error, "retry_after", None)
         if isinstance(retry, float) and math.isfinite(retry):
             at_least = max(at_least, retry)
-        seconds = self.bans.ban(peer, trio.current_time(), at_least=at_least)
+        seconds = self.bans.ban(peer, trio.current_time(), at_least=at_least, hard=hard)
         self.rtts.pop(peer, None)
         log.info("banned %s for %.0f s: %s", peer, seconds, error)
+        if getattr(error, "stalled", False) and self._nursery is not None:
+            # A connection that stopped answering may be dead with neither side told (a
+            # partition): streams opened on it later would stall too, even after the network
+            # heals. Close it; the next stream dials a new one.
+            self._nursery.start_soon(self._disconnect, peer)
+
+    async def _disconnect(self, peer: str) -> None:
+        assert self.stack is not None
+        with trio.move_on_after(self.config.connect_timeout), contextlib.suppress(Exception):
+            await self.stack.host.host.disconnect(ID.from_base58(peer))
 
     async def watch(self, model: str) -> None:
         assert self.stack is not None and self.stack.announcer is not None

@@ -181,7 +181,7 @@ class RemoteSequential:
                 client.live_servers(self.model, adapter_of(tuning)),
                 self.model,
                 BlockRange(a, blocks.end),
-                banned=client.banned(),
+                banned=client.route_bans(self.model, adapter_of(tuning)),
             )
             for hop in route:
                 try:
@@ -244,7 +244,7 @@ class RemoteSequential:
                 client.live_servers(self.model, adapter_of(tuning)),
                 self.model,
                 blocks,
-                banned=client.banned(),
+                banned=client.route_bans(self.model, adapter_of(tuning)),
             )
             if len(route) > 1:
                 # No single server holds these blocks any more: recompute the inputs of the

@@ -9,6 +9,10 @@ servers' caches are rebuilt by replaying that history as one prefill, and the st
 that hop: outputs equal an uninterrupted run's up to float rounding. Each failover's stall (time
 lost) is logged at INFO and kept in `stats`. A session is used from one thread at a time.
 
+Verified computation (petald.client.verify; `ClientConfig.verify_fraction`): sampled steps are
+re-run on other servers before they are committed; a server found computing wrong outputs is
+banned, its part replayed elsewhere, the later hops' caches rebuilt and the step redone.
+
 Servers passing activations on (petald.server.push; `ClientConfig.pass_activations`): a step is
 sent to every server of the route at once, the hidden state only to the first; each server
 pushes its output into the next one's session and answers us too (that answer is the next
@@ -31,6 +35,7 @@ from petald.client.routing import Hop
 from petald.client.rpc import InferenceStream, is_server_failure
 from petald.client.runtime import SwarmClient
 from petald.client.tuning import Tuning, adapter_of
+from petald.client.verify import Detection, Verifier
 from petald.errors import RoutingError, SessionClosed
 from petald.types import BlockRange
 from petald.wire import trace
@@ -90,6 +95,18 @@ class SessionStats:
     steps: int = 0
     passed_on: int = 0  # hops whose input the previous server pushed (the client relayed none)
     failovers: list[Failover] = field(default_factory=list)
+    # Verified computation (petald.client.verify): hops checked against a second opinion,
+    # those that disagreed, those no other server holds, disagreements nothing decided, and
+    # each server caught (and banned).
+    verify_checks: int = 0
+    verify_mismatches: int = 0
+    verify_skipped: int = 0
+    verify_unresolved: int = 0
+    verify_detections: list[Detection] = field(default_factory=list)
+
+    @property
+    def banned_for_mismatch(self) -> list[str]:
+        return [d.peer for d in self.verify_detections]
 
     @property
     def stall_seconds(self) -> float:
@@ -100,6 +117,20 @@ class SessionStats:
 class _Link:
     hop: Hop
     stream: InferenceStream
+
+
+@dataclass
+class _Run:
+    """One step's state through the route: what `_run_hops` reads and fills in."""
+
+    step_id: int
+    pos: int
+    extras: Callable[[_Link], dict]
+    inputs: dict[int, torch.Tensor]  # by boundary
+    outputs: dict[int, torch.Tensor]  # by link identity
+    in_flight: set[int]
+    waiting: set[int]
+    attempts: int
 
 
 class InferenceSession:
@@ -130,6 +161,7 @@ class InferenceSession:
         self._history = History()
         self._mask: torch.Tensor | None = None  # (batch, position); None: all ones
         self._positions: torch.Tensor | None = None  # (batch, position); None: 0..position-1
+        self.verifier = Verifier(self)
 
     @property
     def position(self) -> int:
@@ -191,6 +223,7 @@ class InferenceSession:
         if not 0 <= position <= self._position:
             raise ValueError(f"cannot roll back to {position}: the session holds {self._position}")
         self._position = position
+        self.verifier.rollback(position)
         self._history.truncate(position)
         if self._mask is not None:
             self._mask = self._mask[:, :position]
@@ -203,6 +236,8 @@ class InferenceSession:
             return
         self._closed = True
         links, self._links = self._links, []
+        links += [link for w in self.verifier.witnesses.values() for link in w.links]
+        self.verifier.witnesses = {}
         if links:
             # SessionClosed: the client is gone, and the streams with it.
             with contextlib.suppress(SessionClosed):
@@ -260,6 +295,7 @@ class InferenceSession:
         if not identity and pos:
             assert order is not None
             self._reorder_history(order)
+            self.verifier.rollback(0)  # witnesses' caches are in the old order
         # Links open before this step get the reorder; replacements are replayed reordered.
         to_reorder = set() if identity or not pos else {id(link) for link in self._links}
         full_mask, full_positions = self._full_inputs(n, mask, position_ids)
@@ -283,28 +319,11 @@ class InferenceSession:
         waiting: set[int] = set()  # sent the step without it, to take the previous one's push
         if self._passes_on():
             in_flight, waiting = await self._send_passing_on(step_id, pos, hidden, extras)
-        x, i = hidden, 0
-        while i < len(self._links):  # advances i or spends an attempt: bounded
-            link = self._links[i]
-            inputs[link.hop.blocks.start] = x
-            t0 = trio.current_time()
-            try:
-                if id(link) not in in_flight:
-                    await link.stream.send_step(step_id, pos, x, **extras(link))
-                y, pushed = await link.stream.receive_step(step_id, pos, x)
-            except Exception as e:
-                if not is_server_failure(e):
-                    raise
-                attempts -= 1
-                if attempts <= 0:
-                    raise RoutingError(f"giving up after repeated failures; last: {e}") from e
-                await self._failover(i, e, t0)
-                continue
-            self.client.bans.succeeded(link.hop.peer_id)
-            self.stats.passed_on += i > 0 and id(link) in in_flight
-            x, i = y, i + 1
-            if pushed and i < len(self._links) and id(self._links[i]) in waiting:
-                in_flight.add(id(self._links[i]))
+        outputs: dict[int, torch.Tensor] = {}  # by link identity
+        run = _Run(step_id, pos, extras, inputs, outputs, in_flight, waiting, attempts)
+        x = await self._run_hops(run, hidden, 0)
+        if self.verifier.sample():
+            x = await self._verify(run, full_mask, full_positions, to_reorder, x)
         # Commit: the history grows by this step's inputs at every boundary of the route.
         self._history.append(inputs)
         self._mask, self._positions = full_mask, full_positions
@@ -313,6 +332,75 @@ class InferenceSession:
         if stamps is not None:
             stamps.append(trace.now())
         return x
+
+    async def _run_hops(self, run: _Run, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Runs the step through links i, i+1, ... from `x`, the input of link i; a server
+        that fails is replaced (failover) and its hop run again. Returns the last output."""
+        while i < len(self._links):  # advances i or spends an attempt: bounded
+            link = self._links[i]
+            run.inputs[link.hop.blocks.start] = x
+            t0 = trio.current_time()
+            try:
+                if id(link) not in run.in_flight:
+                    await link.stream.send_step(run.step_id, run.pos, x, **run.extras(link))
+                y, pushed = await link.stream.receive_step(run.step_id, run.pos, x)
+            except Exception as e:
+                if not is_server_failure(e):
+                    raise
+                run.attempts -= 1
+                if run.attempts <= 0:
+                    raise RoutingError(f"giving up after repeated failures; last: {e}") from e
+                await self._failover(i, e, t0)
+                continue
+            self.client.bans.succeeded(link.hop.peer_id)
+            self.stats.passed_on += i > 0 and id(link) in run.in_flight
+            run.outputs[id(link)] = y
+            x, i = y, i + 1
+            if pushed and i < len(self._links) and id(self._links[i]) in run.waiting:
+                run.in_flight.add(id(self._links[i]))
+        return x
+
+    async def _verify(
+        self, run: _Run, mask, positions, to_reorder: set[int], x: torch.Tensor
+    ) -> torch.Tensor:
+        """Checks this step (petald.client.verify); if a server computed it wrong (it is banned
+        by then), replaces it, rebuilds the later hops' caches and redoes the step from its
+        hop: returns the step's output."""
+        found = await self.verifier.check(run.pos, run.inputs, run.outputs, mask, positions)
+        if found is None:
+            return x
+        i, error = found
+        start = self._links[i].hop.blocks.start
+        t0 = trio.current_time()
+        await self._rebuild_from(i, error, t0)
+        # Redo the step from the replaced hop, each input sent by us: the later servers roll
+        # their caches back to this step's position first. No reorder: done already.
+        to_reorder.clear()
+        run.step_id, run.in_flight, run.waiting = self._next_id(), set(), set()
+        return await self._run_hops(run, run.inputs[start], i)
+
+    async def _rebuild_from(self, i: int, error: Exception, t0: float) -> None:
+        """Replaces link i (its server computed wrong outputs) and rebuilds every later link's
+        cache from the corrected outputs: their cached tokens were computed from wrong inputs."""
+        before = len(self._links)
+        x = await self._failover(i, error, t0)
+        j = i + 1 + len(self._links) - before  # the first link after the replacement
+        end = self._links[j - 1].hop.blocks.end
+        self.verifier.invalidate_after(end)
+        pos = self._position
+        while x is not None and j < len(self._links):  # advances j or raises: bounded
+            link = self._links[j]
+            self._history.set(link.hop.blocks.start, x)
+            try:
+                x = await self._replay_link(link, pos, x)
+            except Exception as e:
+                if not is_server_failure(e):
+                    raise
+                before = len(self._links)
+                x = await self._failover(j, e, trio.current_time())  # from the corrected history
+                j += 1 + len(self._links) - before
+                continue
+            j += 1
 
     def _passes_on(self) -> bool:
         """Whether servers pass this step's activations on: a route of several hops whose
@@ -364,15 +452,17 @@ class InferenceSession:
             tuning = tuning.without_prompts()
         return tuning.with_tensors([t.detach() for t in tuning.tensors])
 
-    async def _open(self, blocks: BlockRange) -> list[_Link]:
-        """Plans a route through `blocks` and opens a session on each hop's server (at once);
-        a server that fails to open is banned and the route planned again."""
+    async def _open(self, blocks: BlockRange, exclude: frozenset[str] = frozenset()) -> list[_Link]:
+        """Plans a route through `blocks` (avoiding `exclude`) and opens a session on each
+        hop's server (at once); a server that fails to open is banned and the route planned
+        again."""
         client = self.client
         refused: dict[str, Exception] = {}  # why servers failed to open, for the final error
         for _ in range(client.config.max_attempts):
             client.check_adapter(self.model, adapter_of(self.tuning))
             servers = client.live_servers(self.model, adapter_of(self.tuning))
-            candidates = client.planner.eligible(servers, self.model, client.banned())
+            banned = client.route_bans(self.model, adapter_of(self.tuning)) | exclude
+            candidates = client.planner.eligible(servers, self.model, banned)
             wanted = [e.peer_id for e in candidates if _overlaps(e.info.blocks, blocks)]
             await client.probe(wanted)
             try:
@@ -381,7 +471,7 @@ class InferenceSession:
                     self.model,
                     blocks,
                     rtts=client.rtts,
-                    banned=client.banned(),
+                    banned=banned,
                     cache_tokens=self.batch * self.max_length,
                 )
             except RoutingError as e:
@@ -431,17 +521,27 @@ class InferenceSession:
             raise ours[0]
         return opened, failed
 
-    async def _failover(self, i: int, error: Exception, t0: float) -> None:
+    async def _reopen(self, blocks: BlockRange, failed: str) -> list[_Link]:
+        """`_open` for a failover: the server that just failed is the last choice. Its ban
+        alone does not keep it out when every other holder of these blocks is banned too
+        (SwarmClient.route_bans lets them all back), and it may be cut off still."""
+        try:
+            return await self._open(blocks, exclude=frozenset({failed}))
+        except RoutingError:  # no other server holds these blocks: the failed one, once more
+            return await self._open(blocks)
+
+    async def _failover(self, i: int, error: Exception, t0: float) -> torch.Tensor | None:
         """Replaces link `i` by a new route through its blocks whose caches hold the session's
-        tokens again (replayed from the history), so the current step can go on from there."""
+        tokens again (replayed from the history), so the current step can go on from there.
+        Returns the replayed tokens' outputs (None when the session held none)."""
         failed = self._links[i]
         self.client.ban(failed.hop.peer_id, error)
         await failed.stream.close(reset=True)
         pos = self._position
         for _ in range(self.client.config.max_attempts):
-            links = await self._open(failed.hop.blocks)
+            links = await self._reopen(failed.hop.blocks, failed.hop.peer_id)
             try:
-                await self._replay(links, pos)
+                out = await self._replay(links, pos)
             except Exception as e:
                 if not is_server_failure(e):
                     raise
@@ -472,14 +572,13 @@ class InferenceSession:
             pos,
             stall,
         )
+        return out
 
-    async def _replay(self, links: list[_Link], pos: int) -> None:
+    async def _replay(self, links: list[_Link], pos: int) -> torch.Tensor | None:
         """Feeds the `pos` cached tokens through the new links as one prefill, recording the
-        inputs at boundaries the old route did not have."""
+        inputs at boundaries the old route did not have; returns the last link's outputs."""
         if pos == 0:
-            return
-        mask = self._mask[:, :pos] if self._mask is not None else None
-        positions = self._positions[:, :pos] if self._positions is not None else None
+            return None
         x = self._history.get(links[0].hop.blocks.start)
         for link in links:
             start = link.hop.blocks.start
@@ -487,7 +586,15 @@ class InferenceSession:
                 x = self._history.get(start)
             else:
                 self._history.set(start, x)
-            tuning = self._tuning_for(link.hop.blocks, 0)
-            x = await link.stream.step(
-                self._next_id(), 0, x, mask=mask, positions=positions, tuning=tuning
-            )
+            x = await self._replay_link(link, pos, x)
+        return x
+
+    async def _replay_link(self, link: _Link, pos: int, x: torch.Tensor) -> torch.Tensor:
+        """The `pos` cached tokens' inputs `x` through one link, as a prefill at position 0
+        (the server drops what its cache held)."""
+        mask = self._mask[:, :pos] if self._mask is not None else None
+        positions = self._positions[:, :pos] if self._positions is not None else None
+        tuning = self._tuning_for(link.hop.blocks, 0)
+        return await link.stream.step(
+            self._next_id(), 0, x, mask=mask, positions=positions, tuning=tuning
+        )

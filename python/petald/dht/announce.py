@@ -1,6 +1,7 @@
 """Server announcements: each server's signed `ServerInfo`, spread by gossipsub (one topic per
-model) and stored in the DHT (under the model's key and each served block's key), merged into
-the `SwarmView` every peer keeps.
+model) and stored in the DHT under the model's key, merged into the `SwarmView` every peer
+keeps. (Per-block keys were put too, 21 DHT requests per block every other heartbeat, and never
+read: issue 12's simulation found them to be most of a server's DHT traffic.)
 
 Why both: py-libp2p's gossipsub drops messages under bursts (shared/notes/py-libp2p.md: 10-53%
 delivered at 20+ msg/s), and a peer that joins late missed every earlier message. Gossip makes
@@ -17,7 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 from libp2p.abc import IHost
@@ -27,9 +28,12 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+from petald.dht.flood import GOSSIP_THROTTLE, PeerThrottle
 from petald.dht.node import DhtNode
-from petald.dht.records import SignedRecord, sign_record
+from petald.dht.records import sign_record
 from petald.errors import RecordError
+from petald.p2p.bans import bans_of
+from petald.p2p.limits import guard_pubsub
 from petald.p2p.swarm_view import ServerEntry, SwarmView
 from petald.types import AnnouncementError, ServerInfo
 
@@ -38,6 +42,11 @@ log = logging.getLogger(__name__)
 TOPIC_PREFIX = "petald/v1/servers/"
 # A peer follows at most this many models' topics: each costs a subscription and a DHT refresh.
 MAX_WATCHED_MODELS = 64
+# A heartbeat's re-read of a model's announcements stops after this many DHT peers answered with
+# records instead of asking all k = 20: every server puts its record to the same k closest peers,
+# so each holds nearly the whole set, and 20 copies of up to 16 KiB each was most of every peer's
+# DHT traffic (issue 12's simulation). Three tolerate a holder or two that missed a put.
+READ_QUORUM = 3
 
 
 def topic_for(model: str) -> str:
@@ -48,10 +57,6 @@ def model_key(model: str) -> bytes:
     return f"petald/v1/{model}/servers".encode()
 
 
-def block_key(model: str, block: int) -> bytes:
-    return f"petald/v1/{model}/block/{block}".encode()
-
-
 @dataclass(frozen=True)
 class AnnounceConfig:
     heartbeat: float = 30.0  # seconds between re-announcements (and DHT re-reads)
@@ -59,8 +64,8 @@ class AnnounceConfig:
     gossip_heartbeat: int = 1  # gossipsub mesh maintenance (py-libp2p's default is 120 s)
 
     def __post_init__(self) -> None:
-        # Block keys are re-put once half the ttl has passed, at the next heartbeat: that must
-        # come before they expire.
+        # The model record must be re-put (every heartbeat) well before it expires; a retry
+        # after a failed put comes a second later.
         if not 0 < self.heartbeat < self.ttl / 2:
             raise ValueError("announcement heartbeat must be positive and below half the ttl")
 
@@ -73,24 +78,37 @@ class Announcer:
         key_pair: KeyPair,
         view: SwarmView,
         config: AnnounceConfig | None = None,
+        *,
+        gossip: bool = True,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
         self.dht = dht
         self.key_pair = key_pair
         self.view = view
         self.config = config or AnnounceConfig()
-        self.gossipsub = GossipSub(
-            protocols=[PROTOCOL_ID_V11],
-            degree=6,
-            degree_low=4,
-            degree_high=12,
-            heartbeat_interval=self.config.gossip_heartbeat,
-        )
-        self.pubsub = Pubsub(host, self.gossipsub)
+        # Unix seconds for signed expiries; the simulation passes its virtual clock.
+        self.wall_clock = wall_clock
+        # gossip=False (the swarm simulation): announcements travel by the DHT path only, as
+        # if gossip dropped every message; py-libp2p's pubsub needs a real host.
+        self.gossipsub: GossipSub | None = None
+        self.pubsub: Pubsub | None = None
+        if gossip:
+            self.gossipsub = GossipSub(
+                protocols=[PROTOCOL_ID_V11],
+                degree=6,
+                degree_low=4,
+                degree_high=12,
+                heartbeat_interval=self.config.gossip_heartbeat,
+            )
+            self.pubsub = Pubsub(host, self.gossipsub)
+            guard_pubsub(self.pubsub)  # a hostile message must not end it (petald.p2p.limits)
         self.rejected: Counter[str] = Counter()
+        # Forwarders of invalid announcements: struck, then banned by the host for a while
+        # (petald.dht.flood, petald.p2p.bans).
+        self.invalid = PeerThrottle(GOSSIP_THROTTLE)
+        self.bans = bans_of(host)
         self._info: ServerInfo | None = None
-        self._blocks_info: ServerInfo | None = None
-        self._blocks_due = 0.0
         self._changed = trio.Event()
         self._watched: set[str] = set()
         self._nursery: trio.Nursery | None = None
@@ -120,9 +138,9 @@ class Announcer:
         """Validates one announcement (signature, expiry, key, content) and merges it into the
         view if it is newer. Returns whether it was valid; anything invalid is dropped and
         counted, never raised."""
-        now = time.time()
+        now = self.wall_clock()
         try:
-            record = SignedRecord.from_bytes(data, now=now)
+            record = self.dht.verified.parse(data, now=now)
             if record.key != model_key(model):
                 raise AnnouncementError("announcement for another model's key")
             info = ServerInfo.from_cbor(record.value)
@@ -149,20 +167,33 @@ class Announcer:
         self._notify()
 
     def _validator(self, model: str):
-        def validate(_forwarder: ID, msg) -> bool:
+        def validate(forwarder: ID, msg) -> bool:
             # Runs before gossipsub forwards a message: invalid ones stop here.
-            return self.accept(msg.data, model, "gossip")
+            if self.accept(msg.data, model, "gossip"):
+                return True
+            self._strike(forwarder)
+            return False
 
         return validate
 
+    def _strike(self, forwarder: ID) -> None:
+        now = trio.current_time()
+        if not self.invalid.strike(forwarder, now) or self.bans.banned(forwarder, now):
+            return
+        # The ban disconnects the peer: run it beside, not inside, pubsub handling its message.
+        if self._nursery is not None:
+            self.rejected["banned"] += 1
+            self._nursery.start_soon(self.bans.ban, forwarder, now + GOSSIP_THROTTLE.ban_seconds)
+
     async def _receive(self, model: str) -> None:
+        assert self.pubsub is not None
         sub = await self.pubsub.subscribe(topic_for(model))
         async for _ in sub:
             pass  # accepted (or dropped) by the topic validator already
 
     async def refresh_from_dht(self, model: str) -> int:
         """Reads the model's announcements from the DHT; returns how many were valid."""
-        records = await self.dht.get(model_key(model))
+        records = await self.dht.get(model_key(model), quorum=READ_QUORUM)
         return sum(self.accept(r.to_bytes(), model, "dht") for r in records)
 
     async def watch(self, model: str) -> None:
@@ -173,20 +204,28 @@ class Announcer:
             log.warning("not following %s: already following %d models", model, MAX_WATCHED_MODELS)
             return
         self._watched.add(model)
-        self.pubsub.set_topic_validator(topic_for(model), self._validator(model), False)
-        self._nursery.start_soon(self._receive, model)
+        if self.pubsub is not None:
+            self.pubsub.set_topic_validator(topic_for(model), self._validator(model), False)
+            self._nursery.start_soon(self._receive, model)
         await self.refresh_from_dht(model)
 
     async def _discover_models(self) -> None:
         """Follows every model some peer's topics mention, so a bootstrap node and
         `petald status` see the whole swarm without being told its models."""
+        assert self.pubsub is not None
         while True:
             for topic in list(self.pubsub.peer_topics):
-                if topic.startswith(TOPIC_PREFIX):
+                # A peer's subscription that is not UTF-8 comes through py-libp2p as bytes.
+                if isinstance(topic, str) and topic.startswith(TOPIC_PREFIX):
                     await self.watch(topic[len(TOPIC_PREFIX) :])
             await trio.sleep(min(1.0, self.config.heartbeat))
 
     # ---- publishing ------------------------------------------------------------------------
+
+    def readdress(self, addrs: tuple[str, ...]) -> None:
+        """Our addresses changed (a relay lost or gained): what we announce says so now."""
+        if self._info is not None and self._info.addrs != addrs:
+            self.announce(replace(self._info, addrs=addrs))
 
     def announce(self, info: ServerInfo | None) -> None:
         """Sets what this peer serves (None: nothing) and publishes it at once."""
@@ -194,7 +233,7 @@ class Announcer:
         self._changed.set()
 
     async def _publish(self, info: ServerInfo) -> None:
-        now = time.time()
+        now = self.wall_clock()
         record = sign_record(
             self.key_pair.private_key, model_key(info.model), info.to_cbor(), now + self.config.ttl
         )
@@ -202,41 +241,15 @@ class Announcer:
         self.accept(data, info.model, "self")
         await self.watch(info.model)
         try:
-            await self.pubsub.publish(topic_for(info.model), data)
+            if self.pubsub is not None:
+                await self.pubsub.publish(topic_for(info.model), data)
         except Exception as e:  # no peers yet, or a transient send failure: heartbeats retry
             log.debug("gossip publish failed: %s", e)
-        # The model key is refreshed every heartbeat (late joiners read it); the per-block keys,
-        # one DHT put each, only when the announcement changed or half their ttl has passed.
-        value = info.to_cbor()
-        blocks = []
-        if info != self._blocks_info or now >= self._blocks_due:
-            blocks = [
-                sign_record(
-                    self.key_pair.private_key,
-                    block_key(info.model, b),
-                    value,
-                    now + self.config.ttl,
-                )
-                for b in range(info.blocks.start, info.blocks.end)
-            ]
-            self._blocks_info, self._blocks_due = info, now + self.config.ttl / 2
-        limiter = trio.CapacityLimiter(4)  # bounded fan-out of DHT puts
-        stored = []
-
-        async def put(r: SignedRecord) -> None:
-            async with limiter:
-                acked = await self.dht.put(r)
-            if r is record:
-                stored.append(acked)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(put, record)
-            for r in blocks:
-                nursery.start_soon(put, r)
-        if not stored or (stored[0] == 0 and len(self.dht.table) > 0):
+        # The model key is refreshed every heartbeat: late joiners and gossip's drops read it.
+        acked = await self.dht.put(record)
+        if acked == 0 and len(self.dht.table) > 0:
             # No peer took the model record (timeouts on a loaded machine): a late joiner would
             # not find us. Try again in a second, not a heartbeat, and do not claim "published".
-            self._blocks_info = None
             self._retry_soon = True
             return
         self.published.set()
@@ -262,17 +275,24 @@ class Announcer:
                 await self._publish(self._info)
             for model in list(self._watched):
                 await self.refresh_from_dht(model)
-            if self.view.expire(time.time()):
+            if self.view.expire(self.wall_clock()):
                 self._notify()
 
     async def run(
         self, *, task_status: trio.TaskStatus[Announcer] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        if self.pubsub is None or self.gossipsub is None:
+            await self._run_services(task_status)
+            return
         async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
             await self.pubsub.wait_until_ready()
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+            await self._run_services(task_status)
+
+    async def _run_services(self, task_status: trio.TaskStatus[Announcer]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.pubsub is not None:
                 nursery.start_soon(self._discover_models)
-                nursery.start_soon(self._heartbeat)
-                task_status.started(self)
-                await trio.sleep_forever()
+            nursery.start_soon(self._heartbeat)
+            task_status.started(self)
+            await trio.sleep_forever()

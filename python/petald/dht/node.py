@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import cbor2
@@ -29,6 +30,7 @@ from libp2p.peer.id import ID
 from petald._native import ClosestPeersLookup, RoutingTable, xor_distance
 from petald.dht.records import RecordStore, SignedRecord
 from petald.dht.rpc import DhtRpc
+from petald.dht.verified import VerifiedRecords
 from petald.errors import PeerUnavailable, RecordError, RemoteError
 from petald.p2p.dialer import Dialer
 from petald.wire.kad_messages import (
@@ -59,16 +61,39 @@ def kad_key(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
-def _wall() -> float:
-    return time.time()
+@dataclass(frozen=True)
+class LookupStats:
+    """One finished lookup, for `DhtNode.on_lookup` (the swarm simulation's measurements).
+    `rounds`: sequential request rounds from the seeds to the closest peer found (a seed that
+    answered is round 1; a peer first named in a round-r answer is round r + 1); 0: none found."""
+
+    kind: MessageType
+    key: bytes
+    rounds: int
+    queried: int
+    succeeded: int
+    failed: int
+    closest: tuple[bytes, ...]
 
 
 class DhtNode:
     def __init__(
-        self, host: IHost, config: DhtConfig | None = None, *, dialer: Dialer | None = None
+        self,
+        host: IHost,
+        config: DhtConfig | None = None,
+        *,
+        dialer: Dialer | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        verified: VerifiedRecords | None = None,
     ) -> None:
         self.host = host
         self.config = config or DhtConfig()
+        # Unix seconds for record expiry; the simulation passes its virtual clock.
+        self.wall_clock = wall_clock
+        # Records checked already (one announcement comes back from every GET answer).
+        self.verified = verified or VerifiedRecords()
+        # Called with every finished lookup's figures; None: not measured.
+        self.on_lookup: Callable[[LookupStats], None] | None = None
         self.local_id = host.get_id()
         self.table = RoutingTable(
             self.local_id.to_bytes(),
@@ -100,7 +125,9 @@ class DhtNode:
         return tuple(out)
 
     def _closer(self, key: bytes) -> tuple[PeerRecord, ...]:
-        return self._peer_records(self.table.closest(kad_key(key), MAX_CLOSER_PEERS))
+        # The k closest we know (§2.3); k is 20 (the wire bound) unless configured smaller.
+        n = min(self.config.k, MAX_CLOSER_PEERS)
+        return self._peer_records(self.table.closest(kad_key(key), n))
 
     def _maybe_add_requester(self, peer: ID) -> None:
         """A peer that asks us something enters our table only if it serves the DHT itself
@@ -117,7 +144,7 @@ class DhtNode:
             self._seen_alive(peer.to_bytes())
 
     async def _handle(self, peer: ID, msg: KadMessage) -> KadMessage | None:
-        now = _wall()
+        now = self.wall_clock()
         self._maybe_add_requester(peer)
         if msg.type == MessageType.PING:
             return KadMessage(MessageType.PING)
@@ -137,7 +164,7 @@ class DhtNode:
             )
         if msg.type == MessageType.PUT_VALUE and msg.record is not None:
             try:
-                record = SignedRecord.from_bytes(msg.record.value, now=now)
+                record = self.verified.parse(msg.record.value, now=now)
             except RecordError as e:
                 self.rejected[e.reason] += 1
                 return None
@@ -178,9 +205,12 @@ class DhtNode:
             # ping to the next refresh; the newcomer waits in the replacement cache.
             log.debug("bucket full; %s waits as a replacement", ID(peer))
 
-    async def _lookup(self, request: KadMessage) -> tuple[list[bytes], list[KadMessage]]:
+    async def _lookup(
+        self, request: KadMessage, *, quorum: int | None = None
+    ) -> tuple[list[bytes], list[KadMessage]]:
         """Iterative lookup (§2.3) for `request.key`, sending `request` to each peer the state
-        machine picks. Returns the closest peers that answered and every answer."""
+        machine picks. Returns the closest peers that answered and every answer; with `quorum`,
+        stops as soon as that many answers carried a record (libp2p's GetValue quorum)."""
         now = trio.current_time()
         target = kad_key(request.key)
         seeds = self.table.closest(target, self.config.k)
@@ -195,6 +225,7 @@ class DhtNode:
         )
         answers: list[KadMessage] = []
         progress = trio.Event()
+        depth = dict.fromkeys(seeds, 1)  # request round in which each peer can first be asked
 
         async def ask(peer: bytes) -> None:
             nonlocal progress
@@ -207,6 +238,8 @@ class DhtNode:
             else:
                 answers.append(answer)
                 closer = self._learn(answer.closer_peers)
+                for c in closer:
+                    depth.setdefault(c, depth.get(peer, 1) + 1)
                 lookup.on_success(peer, closer, trio.current_time())
                 self._seen_alive(peer)
             progress.set()
@@ -215,7 +248,7 @@ class DhtNode:
             async with trio.open_nursery() as nursery:
                 # Bounded: each step either queries a new peer (finite candidates) or waits
                 # for an answer or a peer timeout.
-                while True:
+                while quorum is None or sum(a.record is not None for a in answers) < quorum:
                     step, peer = lookup.next(trio.current_time())
                     if step == "finished":
                         break
@@ -227,23 +260,38 @@ class DhtNode:
                         await progress.wait()
                 nursery.cancel_scope.cancel()
         self.table.mark_refreshed(_bucket_of(self.table, target), trio.current_time())
-        return lookup.result(), answers
+        result = lookup.result()
+        if self.on_lookup is not None:
+            rounds = depth.get(result[0], 1) if result else 0
+            self.on_lookup(
+                LookupStats(
+                    request.type,
+                    request.key,
+                    rounds,
+                    lookup.num_queried,
+                    lookup.num_succeeded,
+                    lookup.num_failed,
+                    tuple(result),
+                )
+            )
+        return result, answers
 
     async def find_peers(self, key: bytes) -> list[bytes]:
         """The k peers closest to `key` that answered."""
         closest, _ = await self._lookup(KadMessage(MessageType.FIND_NODE, key=key))
         return closest
 
-    async def get(self, key: bytes) -> list[SignedRecord]:
+    async def get(self, key: bytes, *, quorum: int | None = None) -> list[SignedRecord]:
         """Every valid, unexpired record under `key` found on the k closest peers and locally,
-        newest per publisher. Forged, tampered or expired records are dropped and counted."""
-        _, answers = await self._lookup(KadMessage(MessageType.GET_VALUE, key=key))
-        now = _wall()
+        newest per publisher. Forged, tampered or expired records are dropped and counted.
+        `quorum`: stop after that many peers answered with records (None: ask all k)."""
+        _, answers = await self._lookup(KadMessage(MessageType.GET_VALUE, key=key), quorum=quorum)
+        now = self.wall_clock()
         found: dict[bytes, SignedRecord] = {r.subkey: r for r in self.store.get(key, now)}
         for a in answers:
             if a.record is None or a.record.key != key:
                 continue
-            for r in _unbundle(a.record.value, now, self.rejected):
+            for r in _unbundle(a.record.value, now, self.rejected, self.verified):
                 if r.key == key and (
                     r.subkey not in found or r.expiration > found[r.subkey].expiration
                 ):
@@ -253,7 +301,7 @@ class DhtNode:
     async def put(self, record: SignedRecord) -> int:
         """Stores `record` locally and on the k peers closest to its key; returns how many
         peers acknowledged."""
-        self.store.put(record, _wall())
+        self.store.put(record, self.wall_clock())
         closest = await self.find_peers(record.key)
         request = KadMessage(
             MessageType.PUT_VALUE, key=record.key, record=DhtRecord(record.key, record.to_bytes())
@@ -285,7 +333,7 @@ class DhtNode:
     async def _refresh_forever(self) -> None:
         while True:
             await trio.sleep(self.config.refresh_interval / 4)
-            self.store.expire(_wall())
+            self.store.expire(self.wall_clock())
             for bucket in self.table.buckets_to_refresh(trio.current_time())[:8]:
                 key = await trio.to_thread.run_sync(_key_in_bucket, self.table.local_key, bucket)
                 if key is not None:
@@ -322,11 +370,17 @@ def _bucket_of(table: RoutingTable, target: bytes) -> int:
 
 
 def _bundle(records: list[SignedRecord]) -> bytes:
-    """CBOR list of encoded records, newest first, cut to what one protobuf record may hold."""
+    """CBOR list of encoded records cut to what one protobuf record may hold: newest first when
+    all fit, else a random sample. With more publishers than fit (~40 announcements), "newest
+    first" gave every answer the same ones and hid the others from every reader (issue 12's
+    simulation: views held 41 % of 105 servers); samples differ per answer and per heartbeat,
+    so a reader merging a few answers over a few heartbeats sees them all."""
+    encoded = [r.to_bytes() for r in sorted(records, key=lambda r: -r.expiration)]
+    if 1 + sum(len(b) + 5 for b in encoded) > MAX_RECORD_VALUE_BYTES:
+        random.shuffle(encoded)
     out: list[bytes] = []
     size = 1
-    for r in sorted(records, key=lambda r: -r.expiration):
-        b = r.to_bytes()
+    for b in encoded:
         if size + len(b) + 5 > MAX_RECORD_VALUE_BYTES:
             break
         out.append(b)
@@ -334,7 +388,9 @@ def _bundle(records: list[SignedRecord]) -> bytes:
     return cbor2.dumps(out)
 
 
-def _unbundle(data: bytes, now: float, rejected: Counter[str]) -> list[SignedRecord]:
+def _unbundle(
+    data: bytes, now: float, rejected: Counter[str], verified: VerifiedRecords
+) -> list[SignedRecord]:
     try:
         items = cbor2.loads(data)
     except Exception:
@@ -346,7 +402,7 @@ def _unbundle(data: bytes, now: float, rejected: Counter[str]) -> list[SignedRec
         if not isinstance(item, bytes):
             continue
         try:
-            out.append(SignedRecord.from_bytes(item, now=now))
+            out.append(verified.parse(item, now=now))
         except RecordError as e:
             rejected[e.reason] += 1
     return out

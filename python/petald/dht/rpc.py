@@ -17,9 +17,17 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from petald.dht.flood import PUT_THROTTLE, PeerThrottle
 from petald.errors import MessageError, PeerUnavailable, RemoteError
+from petald.p2p.bans import bans_of
 from petald.p2p.dialer import Dialer
-from petald.wire.kad_messages import PROTOCOL_ID, KadMessage, encode_message, read_message
+from petald.wire.kad_messages import (
+    PROTOCOL_ID,
+    KadMessage,
+    MessageType,
+    encode_message,
+    read_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,11 @@ class DhtRpc:
         self.rpc_timeout = rpc_timeout
         self.counters: Counter[str] = Counter()
         self._inflight: Counter[ID] = Counter()
+        # PUT_VALUE floods: throttled per peer, then banned for a while (petald.dht.flood):
+        # disconnected and refused by the whole host (petald.p2p.bans), not only here. The
+        # handler strikes it too for each record it refuses.
+        self.puts = PeerThrottle(PUT_THROTTLE)
+        self.bans = bans_of(host)
 
     def serve(self) -> None:
         """Registers the protocol handler (server mode only: clients do not answer)."""
@@ -61,10 +74,20 @@ class DhtRpc:
         try:
             with trio.move_on_after(INBOUND_TIMEOUT) as scope:
                 request = await read_message(stream)
+                if request.type == MessageType.PUT_VALUE and not self.puts.allow(
+                    peer, trio.current_time()
+                ):
+                    self.counters["throttled"] += 1
+                    await stream.reset()
+                    await self._ban_if_banned(peer)
+                    return
                 response = await self.handler(peer, request)
                 if response is None:
                     self.counters["refused"] += 1
                     await stream.reset()
+                    if request.type == MessageType.PUT_VALUE:
+                        self.puts.strike(peer, trio.current_time())
+                        await self._ban_if_banned(peer)
                     return
                 await stream.write(encode_message(response))
                 await stream.close()
@@ -83,6 +106,13 @@ class DhtRpc:
             self._inflight[peer] -= 1
             if not self._inflight[peer]:
                 del self._inflight[peer]
+
+    async def _ban_if_banned(self, peer: ID) -> None:
+        """Once the throttle bans `peer`, so does the host: its connections close."""
+        now = trio.current_time()
+        if self.puts.banned(peer, now) and not self.bans.banned(peer, now):
+            self.counters["banned"] += 1
+            await self.bans.ban(peer, now + self.puts.config.ban_seconds)
 
     async def request(self, peer: ID, message: KadMessage) -> KadMessage:
         """Sends `message` to `peer` and returns its answer. Raises `PeerUnavailable` when the

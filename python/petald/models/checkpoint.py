@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from petald.errors import HubUnreachable
+from petald.gguf_file import GGUFFile, gguf_config
 from petald.hf_internals import gguf_names, gguf_processor
 
 CONFIG_NAME = "config.json"
@@ -84,7 +85,7 @@ def _hub(repo_id: str, patterns: list[str]) -> Path:
 
 def read_config(source: Source) -> PretrainedConfig:
     if source.kind == "gguf":
-        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        return gguf_config(source.path)
     if source.kind == "hub":
         return AutoConfig.from_pretrained(str(_hub(source.repo_id, [CONFIG_NAME])))
     return AutoConfig.from_pretrained(str(source.path))
@@ -170,19 +171,18 @@ def _gguf_tensors(
     path: Path, wanted: list[str], prefix: str, config: PretrainedConfig
 ) -> dict[str, torch.Tensor]:
     """Non-block GGUF tensors, dequantized, under the model's names (transformers' GGUF map)."""
-    from gguf import GGUFReader, dequantize
-
-    reader = GGUFReader(str(path))
-    processor = gguf_processor(reader, config)
-    names = gguf_names(wanted, prefix, processor, config)
     out: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        if BLOCK_KEY.match(tensor.name):
-            continue  # the servers' business: never dequantized here
-        weights = dequantize(tensor.data, tensor.tensor_type)
-        result = processor.process(
-            weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters={}
-        )
-        if result.name in names and names[result.name] in wanted:
-            out[names[result.name]] = torch.from_numpy(result.weights.copy())
+    with GGUFFile(path) as gguf:
+        processor = gguf_processor(gguf.architecture, config)
+        names = gguf_names(wanted, prefix, processor, config)
+        for tensor in gguf.tensors.values():
+            if BLOCK_KEY.match(tensor.name):
+                continue  # the servers' business: never dequantized here
+            weights = gguf.dequantize(tensor)
+            result = processor.process(
+                weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters={}
+            )
+            if result.name in names and names[result.name] in wanted:
+                # a copy: a plain-typed tensor's weights are a view of the file's mapping
+                out[names[result.name]] = torch.from_numpy(result.weights.copy())
     return out

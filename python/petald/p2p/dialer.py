@@ -50,6 +50,16 @@ IDENTIFY_WAIT = 5.0
 MAX_UPGRADE_PEERS = 1024
 
 
+def _closed(conn: INetConn) -> bool:
+    """Whether `conn` (a py-libp2p SwarmConn) or its muxer has closed or is shutting down."""
+    muxed = getattr(conn, "muxed_conn", None)
+    return bool(
+        getattr(conn, "is_closed", False)
+        or getattr(muxed, "is_closed", False)
+        or getattr(getattr(muxed, "event_shutting_down", None), "is_set", lambda: False)()
+    )
+
+
 def _with_peer(addr: multiaddr.Multiaddr, peer: ID) -> multiaddr.Multiaddr:
     """Circuit addresses must end in /p2p/<destination> for the relay transport."""
     text = str(addr)
@@ -132,9 +142,14 @@ class Dialer:
                     event = self._upgraded[peer] = trio.Event()
                 await event.wait()
 
+    def _connections(self, peer: ID) -> list[INetConn]:
+        return list(self.host.get_network().get_connections(peer))
+
     def connection(self, peer: ID) -> INetConn | None:
-        """An open connection to `peer`, direct ones first."""
-        conns = list(self.host.get_network().get_connections(peer))
+        """An open connection to `peer`, direct ones first. The swarm keeps listing a
+        connection that has closed (a circuit whose relay died) until its cleanup runs; it
+        refuses streams on it, so it is no connection for us."""
+        conns = [c for c in self.host.get_network().get_connections(peer) if not _closed(c)]
         conns.sort(key=is_relayed)
         return conns[0] if conns else None
 
@@ -176,6 +191,18 @@ class Dialer:
             peer = ID.from_base58(peer_id)
             with trio.fail_after(timeout):
                 await self.ensure_connected(peer, addrs)
+                before = self._connections(peer)
+                try:
+                    return await self.host.new_stream(peer, [protocol])
+                except Exception:
+                    # The stream went out on a connection that was closing (a duplicate the
+                    # swarm pruned, a connection the peer dropped): its closed state shows
+                    # only now. A healthy peer is not given up for that; one stream on a live
+                    # or new connection. Failures on a live connection are the peer's own.
+                    if not any(_closed(c) for c in before):
+                        raise
+                    log.debug("stream to %s failed on a closing connection; redialing", peer)
+                await self.ensure_connected(peer, addrs)
                 return await self.host.new_stream(peer, [protocol])
         except trio.TooSlowError:
             raise PeerUnavailable(
@@ -210,6 +237,13 @@ class Dialer:
             else:
                 if (conn := self.connection(peer)) is not None:
                     return conn
+                # connect() returned at once because the swarm still lists a connection that
+                # is closing (a pruned duplicate): open a new one ourselves. A peer with
+                # circuit addresses is private: those are tried below instead.
+                if not circuit:
+                    if (conn := await self._dial_anew(peer, direct)) is not None:
+                        return conn
+                    errors.append("direct: only a closing connection, and no new one")
         if circuit and self.transport is not None:
             for addr in circuit[:MAX_CIRCUIT_ADDRS]:
                 try:
@@ -225,6 +259,22 @@ class Dialer:
         if not direct and not circuit:
             raise PeerUnavailable(f"{peer}: no known address")
         raise PeerUnavailable(f"{peer}: unreachable ({'; '.join(errors) or 'no relay transport'})")
+
+    async def _dial_anew(self, peer: ID, direct: list[multiaddr.Multiaddr]) -> INetConn | None:
+        network = self.host.get_network()
+        for addr in direct[:4]:
+            try:
+                with trio.fail_after(DIRECT_DIAL_TIMEOUT):
+                    await network.dial_addr(addr, peer)
+            except trio.Cancelled:
+                raise
+            except Exception as e:
+                log.debug("new connection to %s at %s failed: %s", peer, addr, e)
+                network.unblock_peer(peer)  # the negative cache would refuse a later dial
+                continue
+            if (conn := self.connection(peer)) is not None:
+                return conn
+        return None
 
     async def _dial_circuit(self, peer: ID, addr: multiaddr.Multiaddr) -> INetConn:
         """Connects to the relay first (reusing a connection we have), and records `addr` in

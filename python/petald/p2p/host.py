@@ -24,6 +24,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from petald.errors import PeerUnavailable, SwarmKeyMismatch
 from petald.p2p.config import P2PConfig
+from petald.p2p.limits import StreamLimits
 from petald.p2p.pnet import Protector, protect, refusal_error
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class P2PHost:
         self.host = build_host(key_pair, config)
         # Private swarms (and, without a key, telling a private swarm's peer from a dead one).
         self.pnet: Protector = protect(self.host, config.swarm_key_bytes())
+        # Per-peer inbound stream cap and a guard around every handler, registered before any
+        # service adds its own (petald.p2p.limits).
+        self.stream_limits = StreamLimits(self.host).install()
         self._circuit_addrs: list[multiaddr.Multiaddr] = []
         # Identify (and so the DHT's peer records) advertises host.get_addrs(); our relay
         # addresses must be in it. new_host's addrs_factory cannot carry them: BasicHost strips

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetConn, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
@@ -24,7 +24,11 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
-from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from libp2p.relay.circuit_v2.utils import (
+    maybe_consume_signed_record,
+    read_delimited_msg,
+    write_delimited_msg,
+)
 from libp2p.tools.anyio_service import background_trio_service
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,13 @@ RELAY_LIMITS = RelayLimits(
     # Seconds a reservation lasts; the holder refreshes it (at 80%) to keep its address.
     reservation_ttl=3600,
 )
+# Seconds a peer has to send its HOP request once it opened the stream, and to read our answer
+# to a RESERVE: one small message each way. Upstream waits 30 s per read and never closes the
+# stream after an error, so a peer that sent half a message held a task and a stream for good.
+HOP_REQUEST_TIMEOUT = 10.0
+# Seconds a whole STOP exchange may take (request, answer, the relayed connection's upgrade);
+# the circuit it opens then lives in the swarm, not in this handler.
+STOP_TIMEOUT = 20.0
 # Relays a private peer reserves on: two, so losing one relay does not make it unreachable.
 RESERVATIONS_WANTED = 2
 RESERVE_TIMEOUT = 10.0
@@ -68,11 +79,17 @@ def is_relayed(conn: INetConn | object) -> bool:
 
 
 class SafeRelayProtocol(CircuitV2Protocol):
-    """py-libp2p's relay protocol with two changes. RESERVE: upstream reserves for `msg.peer.id`
-    when present, which any peer can set to someone else's id (slot exhaustion, and the relay
-    would then accept CONNECTs for a peer that never asked); the spec's RESERVE carries no peer,
-    so we drop it and upstream falls back to the Noise-authenticated remote peer. HOP: refused
-    once `hop_enabled` is off (we found we are private: relaying through us cannot work)."""
+    """py-libp2p's relay protocol with our own HOP and STOP handlers around its request logic.
+
+    HOP: one request per stream, as go-libp2p serves it (upstream loops reading more, 30 s
+    each, and never closes the stream when it stops), read under `HOP_REQUEST_TIMEOUT`; the
+    stream is closed or reset when the request is done, except a CONNECT that became a circuit
+    (upstream's `_handle_connect` owns that stream, under its circuit limits). Refused once
+    `hop_enabled` is off (we found we are private: relaying through us cannot work). RESERVE:
+    upstream reserves for `msg.peer.id` when present, which any peer can set to someone else's
+    id (slot exhaustion, and the relay would then accept CONNECTs for a peer that never asked);
+    the spec's RESERVE carries no peer, so we drop it and upstream falls back to the
+    Noise-authenticated remote peer. STOP: the whole exchange under `STOP_TIMEOUT`."""
 
     hop_enabled = True
 
@@ -82,11 +99,43 @@ class SafeRelayProtocol(CircuitV2Protocol):
         await super()._handle_reserve(stream, msg)
 
     async def _handle_hop_stream(self, stream: INetStream) -> None:
-        if not self.hop_enabled:
-            with contextlib.suppress(Exception):
-                await stream.reset()
+        if not self.hop_enabled or is_relayed(stream.muxed_conn):  # spec: no HOP over a relay
+            await _reset(stream)
             return
-        await super()._handle_hop_stream(stream)
+        try:
+            with trio.fail_after(HOP_REQUEST_TIMEOUT):
+                msg = await read_delimited_msg(stream, HopMessage)
+                if msg.HasField("senderRecord") and not maybe_consume_signed_record(
+                    msg, self.host, stream.muxed_conn.peer_id
+                ):
+                    raise ValueError("invalid sender record")
+                if msg.type == HopMessage.CONNECT:
+                    ID(msg.peer.id)  # upstream parses it outside its error handling
+                elif msg.type == HopMessage.RESERVE:
+                    await self._handle_reserve(stream, msg)
+                else:
+                    await self._send_status(stream, StatusCode.MALFORMED_MESSAGE, "bad type")
+        except Exception as e:  # incomplete, garbage, too slow: this peer's stream only
+            log.debug("HOP request from %s refused: %r", stream.muxed_conn.peer_id, e)
+            await _reset(stream)
+            return
+        if msg.type == HopMessage.CONNECT:
+            # Deadlines of its own (15 s to reach the destination), then the circuit's limits;
+            # it resets the stream on failure and closes it when the circuit ends.
+            await self._handle_connect(stream, msg)
+        else:
+            await self._close_stream(stream)
+
+    async def _handle_stop_stream(self, stream: INetStream) -> None:
+        with trio.move_on_after(STOP_TIMEOUT) as scope:
+            await super()._handle_stop_stream(stream)
+        if scope.cancelled_caught:
+            await _reset(stream)
+
+
+async def _reset(stream: INetStream) -> None:
+    with contextlib.suppress(Exception):  # the peer may have reset it already
+        await stream.reset()
 
 
 @dataclass(frozen=True)
@@ -145,6 +194,8 @@ class RelayService:
         self.reservations: dict[ID, Reservation] = {}
         self._on_addrs_changed = on_addrs_changed
         self._nursery: trio.Nursery | None = None
+        self._private = False  # adopt("private") ran: we hold reservations and keep them up
+        self._refreshing: set[ID] = set()  # relays with a `_refresh` task
 
     @property
     def offers_hop(self) -> bool:
@@ -152,6 +203,13 @@ class RelayService:
 
     def circuit_addrs(self) -> list[str]:
         return [a for r in self.reservations.values() for a in r.addrs]
+
+    def reservations_for_others(self) -> int:
+        """Live slots we hold as a relay for private peers (for metrics; py-libp2p keeps them
+        in its resource manager and drops expired ones only when it next reserves)."""
+        held = getattr(self.protocol.resource_manager, "_reservations", {})
+        now = time.time()
+        return sum(1 for r in held.values() if getattr(r, "expires_at", 0) > now)
 
     async def run(
         self, *, task_status: trio.TaskStatus[RelayService] = trio.TASK_STATUS_IGNORED
@@ -161,6 +219,7 @@ class RelayService:
         async with background_trio_service(self.protocol), trio.open_nursery() as nursery:
             await self.protocol.event_started.wait()  # HOP (if offered) and STOP registered
             self._nursery = nursery
+            self.host.get_network().register_notifee(_RelayWatch(self))
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -175,6 +234,15 @@ class RelayService:
         if status != "private":
             return []
         self.stop_offering_hop()
+        self._private = True
+        await self._reserve_more()
+        if not self.reservations:
+            log.warning("we are not directly reachable and no connected peer relays for us")
+        return self.circuit_addrs()
+
+    async def _reserve_more(self) -> None:
+        """Reserves on connected peers (those that list HOP first) until RESERVATIONS_WANTED
+        relays hold a slot for us."""
         candidates = [p for p in self.host.get_connected_peers() if p != self.host.get_id()]
         # Peers whose identify lists HOP first; the others are tried too (identify may lag).
         store = self.host.get_peerstore()
@@ -188,21 +256,33 @@ class RelayService:
         for relay in candidates:
             if len(self.reservations) >= RESERVATIONS_WANTED:
                 break
+            if relay in self.reservations:
+                continue
             try:
                 r = await reserve(self.host, relay)
                 log.info("reserved on %s in %.1f ms: %s", relay, r.took_ms, list(r.addrs))
                 self._add(r)
             except Exception as e:  # no HOP protocol, limit reached, or gone
                 log.info("no reservation on %s: %s", relay, e)
-        if not self.reservations:
-            log.warning("we are not directly reachable and no connected peer relays for us")
-        return self.circuit_addrs()
+
+    def lost(self, relay: ID) -> None:
+        """Our last connection to `relay` closed: its circuit address no longer reaches us.
+        Withdrawn at once (peers would dial it in vain until the reservation expired, an hour),
+        and another connected relay is asked for a slot."""
+        if self.reservations.pop(relay, None) is None:
+            return
+        log.warning("lost relay %s: its circuit address withdrawn", relay)
+        self._changed()
+        if self._private and self._nursery is not None:
+            self._nursery.start_soon(self._reserve_more)
 
     def _add(self, r: Reservation) -> None:
         self.reservations[r.relay] = r
         self._changed()
         assert self._nursery is not None, "RelayService.run must be started first"
-        self._nursery.start_soon(self._refresh, r.relay)
+        if r.relay not in self._refreshing:  # a relay lost and regained keeps its one task
+            self._refreshing.add(r.relay)
+            self._nursery.start_soon(self._refresh, r.relay)
 
     def _changed(self) -> None:
         if self._on_addrs_changed is not None:
@@ -211,6 +291,12 @@ class RelayService:
     async def _refresh(self, relay: ID) -> None:
         """Keeps the reservation on `relay` alive; drops it (and its addresses) once it expires
         without a successful refresh. Cancelled with the service."""
+        try:
+            await self._keep(relay)
+        finally:
+            self._refreshing.discard(relay)
+
+    async def _keep(self, relay: ID) -> None:
         while (r := self.reservations.get(relay)) is not None:
             left = r.expire - time.time()
             await trio.sleep(max(1.0, left * REFRESH_AT))
@@ -219,7 +305,10 @@ class RelayService:
                     self._update(await reserve(self.host, relay))
                     break
                 except Exception as e:
-                    if self.reservations[relay].expire - time.time() <= REFRESH_RETRY:
+                    current = self.reservations.get(relay)
+                    if current is None:  # lost meanwhile (RelayService.lost)
+                        return
+                    if current.expire - time.time() <= REFRESH_RETRY:
                         log.warning("reservation on %s expired: %s", relay, e)
                         del self.reservations[relay]
                         self._changed()
@@ -231,3 +320,33 @@ class RelayService:
         self.reservations[r.relay] = r
         if old is None or old.addrs != r.addrs:
             self._changed()
+
+
+class _RelayWatch(INotifee):
+    """Tells the service when the last connection to a relay we hold a slot on closes."""
+
+    def __init__(self, service: RelayService) -> None:
+        self.service = service
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        with contextlib.suppress(Exception):  # a connection torn down half-made has no peer
+            peer = conn.muxed_conn.peer_id
+            if peer in self.service.reservations and not any(
+                not c.is_closed for c in network.get_connections(peer)
+            ):
+                self.service.lost(peer)
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass

@@ -19,14 +19,15 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
 
 from petald.wire.messages import write_message
+
+if TYPE_CHECKING:
+    from libp2p.abc import IHost, INetStream
+    from libp2p.custom_types import TProtocol
 from petald.wire.protocols import (
     BACKWARD_PROTOCOL,
     FORWARD_PROTOCOL,
@@ -66,6 +67,10 @@ def parse_allow_peers(value: str) -> frozenset[str]:
 def is_peer_id(text: str) -> bool:
     """A base58 multihash as libp2p peer ids are: sha256 (Qm...) or identity (12D3KooW...).
     (`ID.from_base58` takes any base58 text, e.g. "nope".)"""
+    # Imported here: `petald serve` parses its flags (this) before it spawns its compute
+    # process, and py-libp2p's import (seconds) must come after that spawn.
+    from libp2p.peer.id import ID
+
     try:
         raw = ID.from_base58(text).to_bytes()
     except Exception:

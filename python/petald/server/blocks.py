@@ -60,6 +60,19 @@ class SpanCache:
         self.position = position
 
 
+@dataclass
+class StepInput:
+    """One session's step, checked and on the span's device: hidden (batch, seq, hidden), the
+    cache rolled back to `position`, mask (batch, position + seq) or None, positions
+    (batch|1, seq)."""
+
+    hidden: torch.Tensor
+    cache: SpanCache
+    position: int
+    mask: torch.Tensor | None
+    positions: torch.Tensor
+
+
 class Span(nn.Module):
     """Blocks [blocks.start, blocks.end) of a model, ready to run. Hidden states are
     (batch, seq, hidden_size); they are cast to the span's dtype and device on the way in."""
@@ -149,6 +162,20 @@ class Span(nn.Module):
         """Run the cache's blocks on the tokens at [position, position + seq), attending to the
         `position` tokens already cached. A `position` below `cache.position` first rolls the
         cache back to it. `attention_mask` is (batch, position + seq): all tokens so far."""
+        step = self.prepare_step(hidden_states, cache, position, attention_mask, position_ids)
+        return self.run_step(step, prompts, lora)
+
+    def prepare_step(
+        self,
+        hidden_states: torch.Tensor,
+        cache: SpanCache,
+        position: int,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> StepInput:
+        """Checks a step's inputs against its cache (ValueError, the cache untouched), then
+        rolls the cache back to `position`: what `step` and a batched step
+        (petald.server.batched) run."""
         if not (self.blocks.start <= cache.blocks.start and cache.blocks.end <= self.blocks.end):
             raise ValueError(f"the cache is for blocks {cache.blocks}, not in span {self.blocks}")
         hidden = self._input(hidden_states)
@@ -160,15 +187,25 @@ class Span(nn.Module):
         if position + seq > cache.max_length:
             limit = cache.max_length
             raise ValueError(f"{position} + {seq} tokens exceed the cache's max_length {limit}")
-        cache.rollback(position)
         mask = self._mask(attention_mask, batch, position + seq)
         positions = self._positions(position_ids, batch, position, seq)
+        cache.rollback(position)
+        return StepInput(hidden, cache, position, mask, positions)
+
+    @torch.no_grad()
+    def run_step(
+        self, step: StepInput, prompts: torch.Tensor | None = None, lora: LoRA | None = None
+    ) -> torch.Tensor:
+        """Runs a prepared step alone; on failure the cache forgets whatever it stored."""
+        cache, position = step.cache, step.position
         try:
-            out = self._run(hidden, cache.blocks, mask, positions, cache, prompts, lora, position)
+            out = self._run(
+                step.hidden, cache.blocks, step.mask, step.positions, cache, prompts, lora, position
+            )
         except BaseException:
             cache.rollback(position)  # blocks that already stored this step's keys forget them
             raise
-        cache.position = position + seq
+        cache.position = position + step.hidden.shape[1]
         return out
 
     @torch.no_grad()

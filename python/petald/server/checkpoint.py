@@ -21,6 +21,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from petald.errors import HubUnreachable
+from petald.gguf_file import GGUFFile, GGUFTensor
 from petald.hf_internals import gguf_names, gguf_processor
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -146,40 +147,35 @@ class SafetensorsBlocks:
 
 
 class GGUFBlocks:
-    """Reads single blocks out of a GGUF file. The file is memory-mapped by `gguf.GGUFReader`;
+    """Reads single blocks out of a GGUF file. The file is memory-mapped (`petald.gguf_file`);
     only tensors named `blk.N.*` (the GGUF standard names for block N) are dequantized, then
     reshaped by transformers' own per-architecture processor (e.g. undoing llama.cpp's Q/K
     permutation) and renamed to the model's parameter names with transformers' GGUF name map."""
 
     def __init__(self, path: Path, meta_model: PreTrainedModel, stats: LoadStats) -> None:
-        from gguf import GGUFReader
-
-        self._reader = GGUFReader(str(path))  # parses the metadata, maps the tensors lazily
+        self._file = GGUFFile(path)
         config = meta_model.config
-        self._processor = gguf_processor(self._reader, config)
+        self._processor = gguf_processor(self._file.architecture, config)
         names = list(meta_model.state_dict())  # meta tensors: names only
         self._names = gguf_names(names, meta_model.base_model_prefix, self._processor, config)
         self._stats = stats
         stats.files.append(path.name)
-        # The metadata (a tokenizer's worth of small arrays, ~150 MB of Python objects for a
-        # 49k vocabulary) is no longer needed: free it before the weights come in.
-        self._reader.fields.clear()
-        self._blocks: dict[int, list[Any]] = {}
-        for tensor in self._reader.tensors:
+        # The metadata (the tokenizer's arrays) is no longer needed: free it before the weights.
+        self._file.metadata.clear()
+        self._blocks: dict[int, list[GGUFTensor]] = {}
+        for tensor in self._file.tensors.values():
             if m := re.match(r"^blk\.(\d+)\.", tensor.name):
                 self._blocks.setdefault(int(m.group(1)), []).append(tensor)
 
     def read_block(self, block: int) -> dict[str, torch.Tensor]:
-        from gguf import dequantize
-
         if block not in self._blocks:
             raise ValueError(f"the GGUF file holds no tensors for block {block}")
         parsed: dict[str, Any] = {"tensors": {}}
         out = {}
         for tensor in self._blocks[block]:
-            weights = dequantize(tensor.data, tensor.tensor_type)
+            weights = self._file.dequantize(tensor)
             self._stats.tensors.append(tensor.name)
-            self._stats.bytes_read += int(tensor.n_bytes)
+            self._stats.bytes_read += self._file.raw(tensor).nbytes
             result = self._processor.process(
                 weights=weights,
                 name=tensor.name,
@@ -194,3 +190,4 @@ class GGUFBlocks:
 
     def close(self) -> None:
         self._blocks.clear()
+        self._file.close()

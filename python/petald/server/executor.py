@@ -5,8 +5,10 @@ training batch is throughput work. A compute process that dies takes the daemon 
 message; a daemon that dies takes the compute process with it (a lifeline pipe, see the worker).
 
 Entry point: `info = await nursery.start(executor.run)`, then `await executor.call(header, tensors,
-priority=...)`. `spawn_worker(spec)` starts the compute process ahead (outside trio, e.g. before
-the daemon has even imported py-libp2p) for an `Executor(spec, process)` to take over."""
+priority=...)`; inference steps go through `await executor.step(sid, header, tensors)`, which
+batches them with other sessions' (petald.server.batching). `spawn_worker(spec)` starts the
+compute process ahead (outside trio, e.g. before the daemon has even imported py-libp2p) for an
+`Executor(spec, process)` to take over."""
 
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from petald.errors import PetaldError
+from petald.server.batching import BatchConfig, Message, StepBatcher
 from petald.server.openmp import with_openmp_defaults
 from petald.server.startup import stamp
 from petald.wire.frames import Frame
@@ -145,13 +150,25 @@ class PriorityLock:
 
 
 class Executor:
-    def __init__(self, spec: dict[str, Any], process: WorkerProcess | None = None) -> None:
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        process: WorkerProcess | None = None,
+        batching: BatchConfig | None = None,
+    ) -> None:
         self.spec = spec
         self._process = process  # started ahead by `spawn_worker(spec)`; else `run` starts it
         self.info: dict[str, Any] = {}
         self._lock = PriorityLock()
         self._stream: TrioByteStream | None = None
         self._stopping = False
+        self._batcher_waits = False  # the batcher is queued in _lock for its turn
+        self._batcher = StepBatcher(self._exchange_steps, self._inference_turn, batching)
+
+    @property
+    def step_forwards(self) -> Counter[int]:
+        """Forwards the compute process ran for inference steps, by sessions in each."""
+        return self._batcher.forwards
 
     async def run(self, *, task_status: trio.TaskStatus[dict[str, Any]]) -> None:
         """Starts the compute process (unless it was started ahead) and serves until
@@ -169,8 +186,11 @@ class Executor:
                 raise WorkerFailed(f"loading failed: {header['error']}: {header.get('message')}")
             self.info = header
             self._stream = stream
-            task_status.started(header)
-            code = await wait_exit(proc)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._batcher.run)
+                task_status.started(header)
+                code = await wait_exit(proc)
+                nursery.cancel_scope.cancel()
             raise WorkerFailed(f"the compute process exited unexpectedly ({code})")
         finally:
             self._stream = None
@@ -208,5 +228,53 @@ class Executor:
         finally:
             self._lock.release()
 
+    async def step(self, sid: int, header: dict[str, Any], tensors: list[Frame]) -> Message:
+        """Session `sid`'s inference step (a worker "step" header), batched with the steps of
+        other sessions waiting at the same time; the reply as `call` gives it. Cancel-safe like
+        `call`: once sent, it is answered."""
+        return await self._batcher.step(sid, header, tensors)
+
+    def forget(self, sid: int) -> None:
+        """Session `sid` ended (its steps are no longer waited for)."""
+        self._batcher.forget(sid)
+
+    @contextlib.asynccontextmanager
+    async def _inference_turn(self) -> AsyncIterator[None]:
+        self._batcher_waits = True
+        try:
+            await self._lock.acquire(INFERENCE)
+        finally:
+            self._batcher_waits = False
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def _exchange_steps(self, messages: list[Message]) -> tuple[list[Message], list[int]]:
+        """One "steps" request (the batcher holds the turn), as a single message each way:
+        the compute pipe is read one message at a time (a reader may take bytes past its
+        message), so steps are never written back to back. Shielded like `call`'s exchange."""
+        header = {
+            "op": "steps",
+            "steps": [h for h, _ in messages],
+            "counts": [len(t) for _, t in messages],
+        }
+        with trio.CancelScope(shield=True):
+            stream = self._stream
+            if stream is None:
+                raise WorkerFailed("the compute process is not running")
+            await write_message(stream, header, [f for _, t in messages for f in t])
+            summary, frames = await read_message(stream, frames=True)
+        for key in ("rss", "peak_rss"):
+            if key in summary:
+                self.info[key] = summary[key]
+        replies, first = [], 0
+        for reply, n in zip(summary["replies"], summary["counts"], strict=True):
+            replies.append((reply, frames[first : first + n]))
+            first += n
+        return replies, list(summary.get("forwards", []))
+
     def queued(self) -> int:
-        return self._lock.queued()
+        """Requests waiting for the device: calls, and steps not yet sent (the batcher's own
+        place in the lock stands for those steps, so it is not counted again)."""
+        return self._lock.queued() - self._batcher_waits + self._batcher.waiting()

@@ -210,7 +210,7 @@ class BlockHandlers:
     async def _on_info(self, stream: INetStream) -> None:
         with trio.move_on_after(self.limits.request_timeout):
             try:
-                await read_message(stream, max_tensor_bytes=0)
+                await read_message(stream, max_tensor_bytes=0, frames=True)
                 await write_message(stream, self.info())
                 await stream.close()
             except Exception as e:  # a broken stream from a peer must not take us down

@@ -8,6 +8,8 @@ on the server between steps.
     server: {"ok": true, "step": id, "position": p + n} + [output]
     client: {"close": true}                                          (or just end the stream)
 
+Steps of different sessions waiting at the same time run as one batched forward
+(petald.server.batching); a session sees the same answers as alone.
 `position` below the cached length rolls the cache back (speculative decoding, edits);
 `"reorder": [i, ...]` (one index per sequence) reorders the cache along the batch first (beam
 search). A step that repeats the last step's id and position is a retransmission: the stored
@@ -64,6 +66,9 @@ class InferenceSessions:
         self.open_stream = open_stream
         self.pushes = PushRegistry()
         self.executor = blocks.executor
+        # Steps are batched across sessions (petald.server.batching); `info`'s `served` shows
+        # the forwards run for them, by sessions in each.
+        blocks.served["inference"] = self.executor.step_forwards
         self.budget = blocks.budget
         self._per_peer: Counter[Any] = Counter()
         self._ids = itertools.count(1)
@@ -97,7 +102,7 @@ class InferenceSessions:
         try:
             with trio.fail_after(SESSION_IDLE_TIMEOUT):
                 try:
-                    header, _ = await read_message(stream, max_tensor_bytes=0)
+                    header, _ = await read_message(stream, max_tensor_bytes=0, frames=True)
                 except (MessageError, FrameError, CodecError) as e:  # e.g. a step, not an open
                     await self._reply_error(stream, "malformed", f"expected an open header: {e}")
                     await stream.close()
@@ -132,6 +137,7 @@ class InferenceSessions:
             await reset_stream(stream)
         finally:
             if reserved:
+                self.executor.forget(sid)
                 with trio.CancelScope(shield=True):
                     await self.executor.call({"op": "close", "sid": sid}, priority=INFERENCE)
                 self.budget.release(reserved)
@@ -261,7 +267,7 @@ class InferenceSessions:
         if stamps is not None:
             work["trace"] = True
             stamps.append(trace.now())
-        reply, out = await self.executor.call(work, tensors, priority=INFERENCE)
+        reply, out = await self.executor.step(session.sid, work, tensors)
         if stamps is not None:
             stamps.append(trace.now())
         if "error" in reply:

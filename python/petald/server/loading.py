@@ -12,6 +12,7 @@ call refuses, at load, a family whose layers are not self-contained blocks.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -20,11 +21,13 @@ from torch import nn
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from petald.gguf_file import gguf_config
 from petald.hf_internals import (
     causal_lm_model_types,
     convert_block_tensors,
     rebuild_non_persistent_buffers,
 )
+from petald.notify import notifier
 from petald.server.blocks import Span
 from petald.server.checkpoint import (
     CONFIG_NAME,
@@ -42,6 +45,7 @@ from petald.server.checkpoint import (
 )
 from petald.server.families import Family, Runner, family_for
 from petald.server.quant import QuantStats, check_quant, quantize, require_kernels
+from petald.server.weights import block_hash
 from petald.types import BlockRange
 
 log = logging.getLogger(__name__)
@@ -97,15 +101,22 @@ def load_span(
     layers = cast(nn.ModuleList, meta.get_submodule(family.layers_path))  # family_for checked
     served = list(layers[start:end])  # still on meta: their weights are assigned in place
     quant_stats = QuantStats()
+    hashes: list[bytes] = []  # announced: petald.server.weights says what and why
+    hash_seconds = 0.0
     try:
         bar = tqdm(range(start, end), desc=f"loading blocks {start}:{end}", disable=not progress)
         for i in bar:
             raw = reader.read_block(i)
             state = convert_block_tensors(meta, raw) if convert else raw
             block = _materialize(meta, i, state, family, torch_dtype, torch_device)
+            t0 = time.thread_time()  # CPU time: what hashing costs, whatever else runs
+            hashes.append(block_hash(block))  # before quantization
+            hash_seconds += time.thread_time() - t0
             if quant != "none":  # now, so that at most one block is ever held unquantized
                 quant_stats += quantize(block, quant)
             bar.set_postfix(read=f"{stats.bytes_read / 2**20:.0f} MiB")
+            # systemd's STATUS line, through the daemon (a no-op unless under Type=notify)
+            notifier().status(f"loading blocks {start}:{end}: {i + 1 - start}/{end - start}")
     finally:
         reader.close()
     if quant != "none":
@@ -114,6 +125,8 @@ def load_span(
     runner = Runner(family, served, start, torch_dtype, torch_device)
     span_range = BlockRange(start, end)
     span = Span(runner, span_range, nn.ModuleList(served), torch_dtype, torch_device, stats, quant)
+    span.weight_hashes, span.hash_seconds = tuple(hashes), hash_seconds
+    log.info("hashed the weights of blocks %d:%d: %.2f s of CPU", start, end, hash_seconds)
     span.probe()  # refuses a family whose forward does not treat its layers as blocks
     return span
 
@@ -167,7 +180,7 @@ def read_config(source: str | Path) -> PretrainedConfig:
 
 def _config(where: Located, hub_dir: Path | None) -> PretrainedConfig:
     if where.kind == "gguf":
-        config = AutoConfig.from_pretrained(str(where.path.parent), gguf_file=where.path.name)
+        config = gguf_config(where.path)
     else:
         config = AutoConfig.from_pretrained(str(hub_dir or where.path))
     if config.model_type not in causal_lm_model_types():

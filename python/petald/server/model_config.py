@@ -1,7 +1,8 @@
 """What the daemon of `petald serve` (and `petald chat`'s local swarm) needs to know of a model
 before its compute process loads it: the number of transformer blocks, read straight from a GGUF
-file's header or a directory's config.json. transformers' config loader costs seconds of imports
-(and GGUF parsing) in a process that otherwise never needs transformers.
+file's header (parsed by the Rust core) or a directory's config.json. transformers' config
+loader costs seconds of imports (and GGUF parsing) in a process that otherwise never needs
+transformers.
 
 Entry point: `num_blocks(source)`."""
 
@@ -16,13 +17,12 @@ def num_blocks(source: str) -> int:
     through transformers' config loader (petald.server.loading.read_config)."""
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from gguf import GGUFReader
+        from petald.gguf_file import GGUFFile
 
-        fields = GGUFReader(str(path)).fields
-        arch = fields.get("general.architecture")
-        count = fields.get(f"{_text(arch)}.block_count") if arch else None
-        if count is not None:
-            return int(count.parts[count.data[0]][0])
+        with GGUFFile(path) as gguf:
+            count = gguf.metadata.get(f"{gguf.architecture}.block_count")
+        if isinstance(count, int) and not isinstance(count, bool):
+            return count
     elif (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
         config = config.get("text_config", config)
@@ -32,7 +32,3 @@ def num_blocks(source: str) -> int:
     from petald.server.loading import read_config  # a Hub id, or a layout not known above
 
     return int(read_config(source).get_text_config().num_hidden_layers)
-
-
-def _text(field) -> str:
-    return bytes(field.parts[field.data[0]]).decode()

@@ -85,7 +85,7 @@ class PushRegistry:
         inbox = None
         try:
             with trio.fail_after(PUSH_OPEN_TIMEOUT):
-                header, _ = await read_message(stream, max_tensor_bytes=0)
+                header, _ = await read_message(stream, max_tensor_bytes=0, frames=True)
             token = header.get("session")
             inbox = self._inboxes.get(token) if isinstance(token, bytes) else None
             if inbox is None or inbox.streams >= MAX_PUSH_STREAMS:

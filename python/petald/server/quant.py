@@ -32,9 +32,9 @@ NF4_BLOCKSIZE = 64  # QLoRA's block size: one absmax scale per 64 weights
 # On a CPU with AVX512-BF16, bitsandbytes (since 0.49, its PR #1804) repacks a Linear4bit's weight
 # for its fused CPU kernel on the first inference forward: tiles of 32 output rows, the absmax
 # scales reshaped to (out_features, in_features // blocksize). It neither checks nor falls back,
-# so other shapes fail there (96 -> 64: "shape '[64, 1]' is invalid for input of size 96");
-# `_quantized` keeps them on the generic CPU path (dequantize, then matmul), as on other CPUs.
-CPU_PACK_ROWS = 32
+# so other shapes fail there (96 -> 64: "shape '[64, 1]' is invalid for input of size 96"), and
+# has no backward; `_quantized` keeps every layer on the generic CPU path (dequantize, then
+# matmul), as on other CPUs.
 
 
 @dataclass
@@ -152,8 +152,12 @@ def _quantized(linear: nn.Linear, mode: str) -> nn.Module:
             bnb_quantized=True,
         )
         new.quant_state = state
-        if linear.out_features % CPU_PACK_ROWS or linear.in_features % NF4_BLOCKSIZE:
-            new.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward (see above)
+        # Never the repacked CPU path (read by Linear4bit.forward, see above): besides the shapes
+        # it cannot take, the kernel it then calls for every forward, grad or not, has no
+        # backward (bitsandbytes warns "gemv_4bit: an autograd kernel was not registered"), so
+        # after one inference step a backward through the span silently skipped the quantized
+        # layers (input gradient = the residual's; test_quant on an AVX512-BF16 CPU).
+        new.support_avx512bf16_for_cpu = False
     if has_bias:
         new.bias = linear.bias  # kept in the span's dtype; already frozen by the loader
     new.train(linear.training)

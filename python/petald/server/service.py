@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.abc import INetStream
@@ -20,20 +20,28 @@ from libp2p.custom_types import TProtocol
 
 from petald import __version__
 from petald.errors import PeerUnavailable
+from petald.notify import notifier
 from petald.server import throughput
 from petald.server.allow import AllowListHost
 from petald.server.executor import TRAINING, Executor, WorkerProcess
 from petald.server.handlers import BlockHandlers, Limits
 from petald.server.inference import InferenceSessions
 from petald.server.memory import CacheBudget, default_budget
+from petald.server.metering import MeteredHost
 from petald.server.placement import choose_span, should_move
 from petald.server.push import PUSH_OPEN_TIMEOUT
 from petald.server.serve_config import ServeConfig, worker_spec
 from petald.server.startup import stamp
-from petald.stack import Stack
-from petald.types import BlockRange, ServerInfo
+from petald.stack import MAX_ANNOUNCED_ADDRS, Stack
+from petald.types import MAX_WEIGHT_HASHES, BlockRange, ServerInfo
+
+if TYPE_CHECKING:
+    from petald.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# Seconds a stopping server waits for its "draining" announcement to go out (gossip and DHT).
+DRAINING_PUBLISH_TIMEOUT = 5.0
 
 
 class BlockServer:
@@ -43,8 +51,14 @@ class BlockServer:
         stack: Stack,
         reachability: str,
         worker: WorkerProcess | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        # --metrics: requests counted at the handlers' edge (MeteredHost), state and KV cache
+        # read at scrape time.
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_blocks(self._readings)
         # The compute process of `config.blocks`, started by the CLI before the daemon joined.
         self._early_worker = worker
         self.stack = stack
@@ -70,15 +84,22 @@ class BlockServer:
         if self.handlers is None:
             return
         h = self.handlers
-        self._announce(h, "draining")
+        notifier().status(f"draining: {h.active} requests and sessions active")
+        draining = self._announce(h, "draining")
         done = await h.drain(self.config.drain_timeout)
         log.info("drained (%s)", "all work finished" if done else f"{h.active} still active")
+        # With no work in progress the drain ends at once and the daemon exits: without this
+        # wait its "draining" never left, and peers listed it online until it expired (95 s).
+        assert self.stack.announcer is not None
+        with trio.move_on_after(DRAINING_PUBLISH_TIMEOUT):
+            await self.stack.announcer.wait_published(draining)
 
     # ---- start-up ---------------------------------------------------------------------------
 
     async def _choose(self) -> BlockRange:
         from petald.server.model_config import num_blocks
 
+        notifier().status("choosing the blocks the swarm serves least")
         n_blocks = await trio.to_thread.run_sync(num_blocks, self.config.source)
         want = self.config.num_blocks or n_blocks
         if not 1 <= want <= n_blocks:
@@ -111,9 +132,13 @@ class BlockServer:
             process = None
         executor = Executor(spec, process)
         self._announce_joining(span)
+        notify = notifier()  # systemd's STATUS line (petald.notify): the compute process adds
+        notify.status(f"loading blocks {span} of {c.model}")  # its progress through the relay
         t0 = trio.current_time()
         worker = await nursery.start(executor.run)
         stamp("daemon.worker_loaded")
+        notify.clear("load")
+        notify.status(f"loaded blocks {span}")
         log.info(
             "loaded blocks %s in %.1f s: %.0f MiB of weights",
             span,
@@ -126,12 +151,15 @@ class BlockServer:
         stamp("daemon.throughput")
         sessions = InferenceSessions(handlers, self._open_to_server)
         host: Any = self.stack.host.host
+        if self.metrics is not None:  # inside the allow list: its refusals are counted too
+            host = MeteredHost(host, self.metrics)
         if c.allow_peers is not None:
             host = AllowListHost(host, c.allow_peers, self._is_announced_server)
         handlers.register(host)
         sessions.register(host)
         handlers.state = "online"
         self.handlers = handlers
+        notify.status(f"announcing blocks {span} online")
         online = self._announce(handlers, "online")
         stamp("daemon.announced")
         with trio.move_on_after(30):  # the DHT put is what late joiners read
@@ -139,6 +167,14 @@ class BlockServer:
             await self.stack.announcer.wait_published(online)
         stamp("daemon.published")
         log.info("online: %s blocks %s, %.0f tokens/s", c.model, span, handlers.throughput)
+        notify.status(f"online: {c.model} blocks {span}, {handlers.throughput:.0f} tokens/s")
+
+    def _readings(self) -> tuple[str, int, int]:
+        """(state, KV-cache tokens in use, budget) for the metrics."""
+        h = self.handlers
+        if h is None:
+            return "joining", 0, 0
+        return h.state, h.budget.used_tokens, h.budget.total_tokens
 
     def _is_announced_server(self, peer_id: str) -> bool:
         """Whether `peer_id`'s signed announcement is live in our swarm view."""
@@ -170,6 +206,7 @@ class BlockServer:
         cached = throughput.load_cached(key) if mode == "auto" else None
         if cached is not None:
             return cached
+        notifier().status("measuring throughput")
         reply, _ = await executor.call(
             {"op": "measure", "tokens": throughput.TOKENS}, priority=TRAINING
         )
@@ -187,7 +224,7 @@ class BlockServer:
             state=state,  # type: ignore[arg-type]
             relayed=self.reachability == "private",
             public_name=self.config.public_name,
-            addrs=tuple(self.stack.host.addrs()[:8]),
+            addrs=tuple(self.stack.host.addrs()[:MAX_ANNOUNCED_ADDRS]),
             version=__version__,
             **kw,  # type: ignore[arg-type]
         )
@@ -207,6 +244,7 @@ class BlockServer:
             dtype=w["dtype"],
             quant=w["quant"],
             adapters=tuple(w.get("adapters", ())),
+            weight_hashes=_announced(w.get("weight_hashes", [])),
         )
         assert self.stack.announcer is not None
         self.stack.announcer.announce(info)
@@ -223,6 +261,13 @@ class BlockServer:
             others = await self._coverage(h.worker["n_blocks"], exclude_self=True)
             target = should_move(others, span, max(h.throughput, 1e-9))
             if target is not None:
+                notifier().status(f"moving to blocks {target}: draining blocks {span}")
                 self._announce(h, "draining")
                 await h.drain(self.config.drain_timeout)
                 return target
+
+
+def _announced(hashes: list[bytes]) -> tuple[bytes, ...]:
+    """The compute process's weight hashes (petald.server.weights), or none for a span longer
+    than an announcement holds (then clients treat us as an older server)."""
+    return tuple(hashes) if len(hashes) <= MAX_WEIGHT_HASHES else ()

@@ -7,22 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 
 from petald import __version__
+from petald.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
 TOKENS = 128
-
-
-def cache_dir() -> Path:
-    """$PETALD_CACHE_DIR, else $XDG_CACHE_HOME/petald, else ~/.cache/petald."""
-    if os.environ.get("PETALD_CACHE_DIR"):
-        return Path(os.environ["PETALD_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "petald"
 
 
 def cache_key(model: str, worker: dict) -> str:

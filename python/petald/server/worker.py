@@ -14,6 +14,11 @@ same CBOR header + tensor frames as on the network (petald.wire.messages), one r
             + tensors
     daemon: {"op": "open", "sid", "batch", "max_length", "start", "end"}
     daemon: {"op": "step", "sid", "position", "mask", "positions", "reorder"?} + tensors
+    daemon: {"op": "steps", "steps": [step headers as above], "counts": [tensors of each]}
+            + their tensors, in order (continuous batching: petald.server.batched runs them as
+            few forwards as it can)
+    worker: {"ok": true, "forwards": [sessions per forward run], "replies": [as for "step"],
+            "counts": [tensors of each]} + their tensors, each framed with its step's codec
     daemon: {"op": "close", "sid"} | {"op": "measure", "tokens"} | {"op": "memory"}
 
 The daemon validated every request at the edge; a request the span still refuses (ValueError)
@@ -39,13 +44,16 @@ import trio
 
 from petald.errors import MessageError
 from petald.server.adapters import LoRA, check_lora, from_named, load_peft_adapter, split_named
+from petald.server.batched import BatchStep, batching_exact, run_steps
 from petald.server.blocks import Span, SpanCache
 from petald.server.loading import load_span
 from petald.server.startup import stamp
 from petald.types import BlockRange
 from petald.wire import trace
+from petald.wire.frames import Frame
 from petald.wire.messages import read_message, write_message
 from petald.wire.streams import TrioByteStream
+from petald.wire.tensors import pack
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,9 @@ class Compute:
         self.span = span
         self.caches: dict[int, SpanCache] = {}
         self.adapters = adapters or {}  # --adapters, by name
+        # Whether steps of different sessions may share a forward: None until the first batch
+        # (petald.server.batched.batching_exact probes it then), else why not ("" when they may).
+        self.unbatchable: str | None = None
 
     def describe(self) -> dict[str, Any]:
         cfg = self.span.config
@@ -89,6 +100,7 @@ class Compute:
             "quant": getattr(self.span, "quant", "none"),
             "device": str(self.span.device),
             "weight_bytes": weights,
+            "weight_hashes": list(getattr(self.span, "weight_hashes", ())),  # server.weights
             # Keys and values of every block of the span, for one token.
             "adapters": sorted(self.adapters),
             "kv_bytes_per_token": 2 * len(self.span.blocks) * kv_heads * head_dim * itemsize,
@@ -216,24 +228,53 @@ class Compute:
         return {"ok": True}, []
 
     def _step(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> Reply:
+        item = self._prepare(header, tensors)
+        out = self.span.run_step(item.step, item.prompts, item.lora)
+        return self._step_reply(item, out)
+
+    def _prepare(self, header: dict[str, Any], tensors: list[torch.Tensor]) -> BatchStep:
+        """A step checked alone (ValueError if bad, its cache untouched but for a reorder) and
+        its cache rolled back to its position."""
         cache = self.caches.get(header["sid"])
         if cache is None:
             raise ValueError("unknown session")
         mask, positions, named = self._extras(header, tensors, 1)
         prompts, lora = self._tuning(header, named, cache.blocks.start, cache.blocks.end)
-        hidden = tensors[0]
         if header.get("reorder") is not None:
             cache.reorder(torch.tensor(header["reorder"], dtype=torch.long))
-        out = self.span.step(
-            hidden,
-            cache,
-            header["position"],
-            attention_mask=mask,
-            position_ids=positions,
-            prompts=prompts,
-            lora=lora,
-        )
-        return {"ok": True, "position": cache.position}, [out.to(hidden.dtype).cpu()]
+        step = self.span.prepare_step(tensors[0], cache, header["position"], mask, positions)
+        return BatchStep(step, prompts, lora, out_dtype=tensors[0].dtype)
+
+    @staticmethod
+    def _step_reply(item: BatchStep, out: torch.Tensor) -> Reply:
+        position = item.step.cache.position
+        return {"ok": True, "position": position}, [out.to(item.out_dtype).cpu()]
+
+    def steps(self, requests: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> tuple:
+        """Steps of several sessions, batched where they can be (petald.server.batched): (the
+        replies, in order, each as `handle` would give it; sessions per forward run)."""
+        replies: list[Reply | None] = [None] * len(requests)
+        prepared: list[tuple[int, BatchStep]] = []
+        for i, (header, tensors) in enumerate(requests):
+            if header.get("op") != "step":
+                replies[i] = {"error": "bad_op", "message": "a batch holds steps only"}, []
+                continue
+            try:  # each alone first: a bad step is refused here and never joins the batch
+                prepared.append((i, self._prepare(header, tensors)))
+            except ValueError as e:
+                replies[i] = {"error": "bad_input", "message": str(e)}, []
+        if len(prepared) > 1 and self.unbatchable is None:
+            self.unbatchable = batching_exact(self.span) or ""
+            if self.unbatchable:
+                log.warning("steps of different sessions run alone: %s", self.unbatchable)
+        items = [item for _, item in prepared]
+        outs, forwards = run_steps(self.span, items, batching=not self.unbatchable)
+        for (i, item), out in zip(prepared, outs, strict=True):
+            if isinstance(out, ValueError):
+                replies[i] = {"error": "bad_input", "message": str(out)}, []
+            else:
+                replies[i] = self._step_reply(item, out)
+        return [r for r in replies if r is not None], forwards
 
     def measure(self, tokens: int, repeats: int = 3) -> float:
         """Tokens/s of a forward of `tokens` tokens through the whole span: best of `repeats`
@@ -302,6 +343,9 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
             header, tensors = await read_message(stream, stamps=arrived)
         except MessageError:  # the daemon closed its end: we are done
             return
+        if header.get("op") == "steps":
+            await _serve_steps(stream, compute, header, tensors, arrived)
+            continue
         if header.get("trace") is True:
             arrived.append(trace.now())
             reply, out = compute.handle(header, tensors)
@@ -315,6 +359,39 @@ async def serve(sock: socket.socket, spec: dict[str, Any]) -> None:
             reply["trace"].append(trace.now())
         # Framed with the client's codec (the daemon checked it): it passes the frames on.
         await write_message(stream, reply, out, codec=header.get("codec", "none"))
+
+
+async def _serve_steps(
+    stream: TrioByteStream, compute: Compute, header: dict[str, Any], tensors: list, arrived: list
+) -> None:
+    """A "steps" request: one message in, one out (its replies' frames in order)."""
+    steps, counts = header.get("steps"), header.get("counts")
+    if not (isinstance(steps, list) and isinstance(counts, list) and len(steps) == len(counts)):
+        raise MessageError("a steps request lists its steps and their tensor counts")
+    if sum(counts) != len(tensors):  # the daemon never sends this
+        raise MessageError("a steps request's counts do not match its tensors")
+    requests, first = [], 0
+    for step, n in zip(steps, counts, strict=True):
+        requests.append((step, tensors[first : first + n]))
+        first += n
+    arrived.append(trace.now())
+    replies, forwards = compute.steps(requests)
+    done = trace.now()
+    frames: list[Frame] = []
+    for step, (reply, out) in zip(steps, replies, strict=True):
+        if step.get("trace") is True:
+            reply["trace"] = [*arrived, done, trace.now()]
+        codec = step.get("codec", "none")
+        frames += [Frame(pack(t, codec), str(t.dtype), tuple(t.shape)) for t in out]
+    summary = {
+        "ok": True,
+        "forwards": forwards,
+        "replies": [reply for reply, _ in replies],
+        "counts": [len(out) for _, out in replies],
+        "rss": rss_bytes(),
+        "peak_rss": peak_rss_bytes(),
+    }
+    await write_message(stream, summary, frames)
 
 
 def main(argv: list[str]) -> int:

@@ -50,8 +50,11 @@ async def _relay(target: tuple[str, int], delay: float, client: trio.SocketStrea
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, client, upstream, delay)
                 nursery.start_soon(_pump, upstream, client, delay)
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # either side went away: so does the connection
+    except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        # Either side went away: so does the connection. except*: a reset seen by one pump
+        # arrives wrapped in the nurseries' exception groups, and one uncaught would end
+        # serve_tcp, i.e. the whole proxy (every later connection refused).
+        pass
 
 
 def _hostport(text: str) -> tuple[str, int]:

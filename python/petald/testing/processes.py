@@ -191,7 +191,8 @@ def spawn_daemon(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        # Hermetic: a config file on the machine (/etc/petald/petald.toml) does not apply.
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PETALD_NO_CONFIG": "1", **(env or {})},
     )
     return DaemonProcess(proc)
 

@@ -45,7 +45,10 @@ def _varint(n: int) -> bytes:
 
 
 class _Reader:
-    """Exact reads over a stream that returns pieces of any size."""
+    """Exact reads over a stream that returns pieces of any size. It never asks for more than
+    the message still needs: whatever follows the message (the next message, already sent by a
+    peer that does not wait for an answer: the compute process's "steps" requests, pipelined
+    inference steps) stays in the stream for the next `read_message`."""
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
@@ -53,7 +56,7 @@ class _Reader:
 
     async def exactly(self, n: int) -> bytes:
         while len(self.buf) < n:
-            piece = await self.stream.read(max(n - len(self.buf), 65536))
+            piece = await self.stream.read(n - len(self.buf))
             if not piece:
                 raise MessageError(f"stream ended {n - len(self.buf)} bytes before the message did")
             self.buf += piece

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from petald.cache import gguf_entry
 from petald.cli.local_swarm import demo_model
-from petald.cli.tokenizer import _cache_path, load_tokenizer
+from petald.cli.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow  # one GGUF conversion: ~15 s on 2 cores
 
@@ -21,7 +22,7 @@ def test_cached_tokenizer_matches_the_gguf_conversion(
     monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))
     gguf = str(demo_model())
     converted = load_tokenizer(gguf)
-    entry = _cache_path(Path(gguf))
+    entry = gguf_entry("tokenizers", Path(gguf))
     assert (entry / "tokenizer_config.json").is_file()
     cached = load_tokenizer(gguf)
     chat = [

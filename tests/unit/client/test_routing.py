@@ -164,3 +164,18 @@ def test_bans_back_off_exponentially_and_expire() -> None:
     assert [bans.ban("p", now=10.0) for _ in range(4)] == [2.0, 4.0, 8.0, 8.0]
     bans.succeeded("p")
     assert bans.ban("p", now=20.0) == 1.0
+
+
+def test_firm_bans_are_told_apart_from_failures() -> None:
+    """SwarmClient.route_bans lets a failed peer back in when it alone holds some blocks, never
+    one banned by the client's verdict (wrong outputs) or at its own word (busy): `firm` names
+    those until their bans end. Catches: a firm ban not recorded (a cheater or a busy server
+    let back in) or one outliving its ban."""
+    bans = PeerBans(base=1.0, cap=8.0)
+    bans.ban("failed", now=0.0)
+    bans.ban("cheat", now=0.0, hard=100.0)
+    bans.ban("cheat", now=1.0)  # a later failure does not shorten or lift the verdict
+    bans.ban("busy", now=0.0, at_least=4.0)
+    assert bans.banned(0.5) == {"failed", "cheat", "busy"}
+    assert bans.firm(0.5) == {"cheat", "busy"} and bans.firm(99.0) == {"cheat"}
+    assert bans.firm(100.0) == set() and bans.banned(100.0) == set()

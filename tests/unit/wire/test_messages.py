@@ -33,6 +33,23 @@ async def test_round_trip_with_tensors_and_codecs() -> None:
     assert torch.allclose(tensors[0], x, rtol=2**-10, atol=1e-6) and torch.equal(tensors[1], m)
 
 
+async def test_back_to_back_messages_stay_whole() -> None:
+    """Two messages sent at once and delivered in one piece (a socket does that): each read
+    takes exactly its message. Catches: a reader that reads ahead (it once asked for 64 KiB
+    and dropped the rest, losing the step messages of the compute process's "steps" request,
+    which then waited forever)."""
+    pipe = Pipe(piece=1 << 20)
+    x = torch.randn(1, 3, 8)
+    await write_message(pipe, {"op": "steps", "count": 1})
+    await write_message(pipe, {"op": "step", "sid": 1}, [x])
+    await write_message(pipe, {"close": True})
+    assert (await read_message(pipe))[0] == {"op": "steps", "count": 1, "tensors": 0}
+    header, (y,) = await read_message(pipe)
+    assert header == {"op": "step", "sid": 1, "tensors": 1} and torch.equal(y, x)
+    assert (await read_message(pipe))[0] == {"close": True, "tensors": 0}
+    assert not pipe.data
+
+
 @pytest.mark.parametrize(
     ("raw", "match"),
     [

@@ -1,0 +1,57 @@
+"""The seams the swarm simulation uses in the real code: `VerifiedRecords` (a record checked once
+is not checked again, but still expires and forged bytes still fail) and `DhtNode.on_lookup`."""
+
+from __future__ import annotations
+
+import pytest
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from petald.dht.records import sign_record
+from petald.dht.verified import VerifiedRecords
+from petald.errors import RecordError
+
+NOW = 1.8e9
+
+
+def test_verified_records_check_once_expire_and_refuse_forgeries() -> None:
+    """Catches: a cache that serves an expired record (no expiry check on a hit), one keyed
+    loosely enough that tampered bytes pass, or one that verifies every time (no hits)."""
+    key_pair = create_new_key_pair(b"\x01" * 32)
+    record = sign_record(key_pair.private_key, b"k", b"payload-A", NOW + 10)
+    data = record.to_bytes()
+    cache = VerifiedRecords(capacity=2)
+    assert cache.parse(data, now=NOW) == record
+    assert cache.parse(data, now=NOW + 1) == record
+    assert (cache.misses, cache.hits) == (1, 1)
+    tampered = data.replace(b"payload-A", b"payload-B")
+    with pytest.raises(RecordError) as forged:
+        cache.parse(tampered, now=NOW)
+    assert forged.value.reason == "bad_signature"
+    with pytest.raises(RecordError) as late:
+        cache.parse(data, now=NOW + 10)
+    assert late.value.reason == "expired"
+    for i in range(3):  # bounded: the oldest entries go first
+        cache.parse(
+            sign_record(key_pair.private_key, b"k%d" % i, b"v", NOW + 10).to_bytes(), now=NOW
+        )
+    assert len(cache) == 2
+
+
+def test_full_get_answers_sample_different_publishers() -> None:
+    """100 publishers' records under one key do not fit one answer (~40 do): two answers carry
+    different samples, and all of them when few enough fit.
+
+    Catches: answers cut to the newest records (every reader then sees the same ~40 servers of
+    a large swarm and never the others: issue 12's simulation, views 47 % complete)."""
+    import cbor2
+
+    from petald.dht.node import _bundle
+
+    records = [
+        sign_record(create_new_key_pair(bytes([i]) * 32).private_key, b"k", b"x" * 200, NOW + i)
+        for i in range(1, 101)
+    ]
+    first, second = (set(cbor2.loads(_bundle(records))) for _ in range(2))
+    assert 20 <= len(first) < 100
+    assert first != second
+    assert len(cbor2.loads(_bundle(records[:5]))) == 5
