@@ -91,7 +91,10 @@ class DhtNode:
         # Unix seconds for record expiry; the simulation passes its virtual clock.
         self.wall_clock = wall_clock
         # Records checked already (one announcement comes back from every GET answer).
-        self.verified = verified or VerifiedRecords()
+        # `is None`, not `or`: an empty cache is falsy (it has a length), and a shared one passed
+        # in empty was silently replaced by a private one (the simulation verified every record
+        # once per peer instead of once).
+        self.verified = verified if verified is not None else VerifiedRecords()
         # Called with every finished lookup's figures; None: not measured.
         self.on_lookup: Callable[[LookupStats], None] | None = None
         self.local_id = host.get_id()

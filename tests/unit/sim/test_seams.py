@@ -4,11 +4,15 @@ is not checked again, but still expires and forged bytes still fail) and `DhtNod
 from __future__ import annotations
 
 import pytest
+import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
+from petald.dht.node import DhtNode
 from petald.dht.records import sign_record
 from petald.dht.verified import VerifiedRecords
 from petald.errors import RecordError
+from petald.sim.net import SimNetwork
 
 NOW = 1.8e9
 
@@ -55,3 +59,26 @@ def test_full_get_answers_sample_different_publishers() -> None:
     assert 20 <= len(first) < 100
     assert first != second
     assert len(cbor2.loads(_bundle(records[:5]))) == 5
+
+
+def test_dht_nodes_share_the_cache_they_are_given() -> None:
+    """The simulation gives every node one cache, empty at first. Catches: `verified or
+    VerifiedRecords()` (an empty cache has length 0, so it is falsy and each node silently made
+    its own: 1,000 peers verified every record 1,000 times and the default scenario did not
+    finish in 10 minutes)."""
+
+    async def main() -> None:
+        shared = VerifiedRecords()
+        net = SimNetwork()
+        key_pair = create_new_key_pair(b"\x02" * 32)
+        hosts = [
+            net.add(ID.from_pubkey(create_new_key_pair(bytes([i]) * 32).public_key)) for i in (3, 4)
+        ]
+        nodes = [DhtNode(h, verified=shared) for h in hosts]  # type: ignore[arg-type]
+        assert all(n.verified is shared for n in nodes)
+        data = sign_record(key_pair.private_key, b"k", b"v", NOW + 10).to_bytes()
+        nodes[0].verified.parse(data, now=NOW)
+        nodes[1].verified.parse(data, now=NOW)
+        assert (shared.misses, shared.hits) == (1, 1)
+
+    trio.run(main)
