@@ -30,7 +30,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from petald.dht.flood import GOSSIP_THROTTLE, PeerThrottle
 from petald.dht.node import DhtNode
-from petald.dht.records import sign_record
+from petald.dht.records import SignedRecord, sign_record
 from petald.errors import RecordError
 from petald.p2p.bans import bans_of
 from petald.p2p.limits import guard_pubsub
@@ -119,6 +119,8 @@ class Announcer:
         self._last_published: ServerInfo | None = None
         self._retry_soon = False
         self._publish_done = trio.Event()
+        # Publisher (DHT subkey) -> expiry of its announcement last merged from the DHT.
+        self._from_dht: dict[bytes, float] = {}
 
     def _notify(self) -> None:
         self._view_changed.set()
@@ -141,6 +143,14 @@ class Announcer:
         now = self.wall_clock()
         try:
             record = self.dht.verified.parse(data, now=now)
+        except RecordError as e:
+            self._reject(e.reason)
+            return False
+        return self._merge(record, model, source, now)
+
+    def _merge(self, record: SignedRecord, model: str, source: str, now: float) -> bool:
+        """`accept` for a record whose signature has been checked."""
+        try:
             if record.key != model_key(model):
                 raise AnnouncementError("announcement for another model's key")
             info = ServerInfo.from_cbor(record.value)
@@ -194,7 +204,20 @@ class Announcer:
     async def refresh_from_dht(self, model: str) -> int:
         """Reads the model's announcements from the DHT; returns how many were valid."""
         records = await self.dht.get(model_key(model), quorum=READ_QUORUM)
-        return sum(self.accept(r.to_bytes(), model, "dht") for r in records)
+        now = self.wall_clock()
+        valid = 0
+        for r in records:  # verified by the DHT node already
+            if self._from_dht.get(r.subkey, 0.0) >= r.expiration:
+                # Merged at an earlier read: most of a re-read, and parsing the announcement
+                # again was most of a peer's CPU in the 1,000-peer simulation.
+                valid += 1
+                continue
+            if self._merge(r, model, "dht", now):
+                valid += 1
+                self._from_dht[r.subkey] = r.expiration
+        for subkey in [k for k, t in self._from_dht.items() if t <= now]:
+            del self._from_dht[subkey]  # bounded by the live announcements
+        return valid
 
     async def watch(self, model: str) -> None:
         """Follows `model`: its gossip topic, and its DHT key now and every heartbeat."""

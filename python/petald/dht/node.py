@@ -35,6 +35,7 @@ from petald.errors import PeerUnavailable, RecordError, RemoteError
 from petald.p2p.dialer import Dialer
 from petald.wire.kad_messages import (
     MAX_CLOSER_PEERS,
+    MAX_MESSAGE_BYTES,
     MAX_RECORD_VALUE_BYTES,
     PROTOCOL_ID,
     DhtRecord,
@@ -44,6 +45,11 @@ from petald.wire.kad_messages import (
 )
 
 log = logging.getLogger(__name__)
+
+# Keys whose holders a node remembers (a peer re-reads one key per watched model).
+MAX_HELD_KEYS = 128
+# A re-put goes to the key's remembered holders; every this many puts it looks them up anew.
+PUT_LOOKUP_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,9 @@ class DhtNode:
         # Records refused at the edge (bad signature, tampered, expired, ...) by reason; the
         # store counts its own refusals in `store.rejected`.
         self.rejected: Counter[str] = Counter()
+        # Per key read with a quorum: peers that held it at the last read (`_ask_holders`).
+        self._holders: dict[bytes, list[bytes]] = {}
+        self._puts_without_lookup: dict[bytes, int] = {}
         self.rpc = DhtRpc(host, self._handle, rpc_timeout=self.config.rpc_timeout, dialer=dialer)
         if not self.config.client_mode:
             # Registered before the host connects anywhere: a peer that asks right after
@@ -157,13 +166,15 @@ class DhtNode:
             )
         if msg.type == MessageType.GET_VALUE:
             records = self.store.get(msg.key, now)
-            bundle = _bundle(records)
-            record = DhtRecord(msg.key, bundle) if records else None
+            closer = self._closer(msg.key)
+            # The bundle gets what the closer peers leave of one message (their addresses are
+            # what peers told us: up to 16 of 512 bytes each).
+            peers_size = sum(len(p.peer_id) + sum(len(a) + 3 for a in p.addrs) + 8 for p in closer)
+            budget = min(MAX_RECORD_VALUE_BYTES, MAX_MESSAGE_BYTES - 1024 - peers_size)
+            bundle = _bundle(records, budget)
+            record = DhtRecord(msg.key, bundle) if records and budget > 0 else None
             return KadMessage(
-                MessageType.GET_VALUE,
-                key=msg.key,
-                record=record,
-                closer_peers=self._closer(msg.key),
+                MessageType.GET_VALUE, key=msg.key, record=record, closer_peers=closer
             )
         if msg.type == MessageType.PUT_VALUE and msg.record is not None:
             try:
@@ -210,9 +221,10 @@ class DhtNode:
 
     async def _lookup(
         self, request: KadMessage, *, quorum: int | None = None
-    ) -> tuple[list[bytes], list[KadMessage]]:
+    ) -> tuple[list[bytes], list[tuple[bytes, KadMessage]]]:
         """Iterative lookup (§2.3) for `request.key`, sending `request` to each peer the state
-        machine picks. Returns the closest peers that answered and every answer; with `quorum`,
+        machine picks. Returns the closest peers that answered and every answer with the peer
+        that gave it; with `quorum`,
         stops as soon as that many answers carried a record (libp2p's GetValue quorum)."""
         now = trio.current_time()
         target = kad_key(request.key)
@@ -226,7 +238,7 @@ class DhtNode:
             peer_timeout=self.config.rpc_timeout,
             now=now,
         )
-        answers: list[KadMessage] = []
+        answers: list[tuple[bytes, KadMessage]] = []
         progress = trio.Event()
         depth = dict.fromkeys(seeds, 1)  # request round in which each peer can first be asked
 
@@ -239,7 +251,7 @@ class DhtNode:
                 lookup.on_failure(peer, trio.current_time())
                 self.table.on_failure(peer, trio.current_time())
             else:
-                answers.append(answer)
+                answers.append((peer, answer))
                 closer = self._learn(answer.closer_peers)
                 for c in closer:
                     depth.setdefault(c, depth.get(peer, 1) + 1)
@@ -251,7 +263,7 @@ class DhtNode:
             async with trio.open_nursery() as nursery:
                 # Bounded: each step either queries a new peer (finite candidates) or waits
                 # for an answer or a peer timeout.
-                while quorum is None or sum(a.record is not None for a in answers) < quorum:
+                while quorum is None or sum(a.record is not None for _, a in answers) < quorum:
                     step, peer = lookup.next(trio.current_time())
                     if step == "finished":
                         break
@@ -287,25 +299,94 @@ class DhtNode:
     async def get(self, key: bytes, *, quorum: int | None = None) -> list[SignedRecord]:
         """Every valid, unexpired record under `key` found on the k closest peers and locally,
         newest per publisher. Forged, tampered or expired records are dropped and counted.
-        `quorum`: stop after that many peers answered with records (None: ask all k)."""
-        _, answers = await self._lookup(KadMessage(MessageType.GET_VALUE, key=key), quorum=quorum)
+        `quorum`: stop after that many peers answered with records (None: ask all k); a key read
+        with a quorum before is first asked of `quorum` peers that held it (`_ask_holders`)."""
+        request = KadMessage(MessageType.GET_VALUE, key=key)
+        answers: list[tuple[bytes, KadMessage]] = []
+        if quorum is not None:
+            answers = await self._ask_holders(request, quorum)
+        if quorum is None or sum(a.record is not None for _, a in answers) < quorum:
+            _, found_by_lookup = await self._lookup(request, quorum=quorum)
+            answers += found_by_lookup
+        if quorum is not None:
+            self._remember_holders(key, answers)
         now = self.wall_clock()
         found: dict[bytes, SignedRecord] = {r.subkey: r for r in self.store.get(key, now)}
-        for a in answers:
+        seen: set[bytes] = set()  # the holders' answers repeat each other's records
+        for _, a in answers:
             if a.record is None or a.record.key != key:
                 continue
-            for r in _unbundle(a.record.value, now, self.rejected, self.verified):
+            for r in _unbundle(a.record.value, now, self.rejected, self.verified, seen):
                 if r.key == key and (
                     r.subkey not in found or r.expiration > found[r.subkey].expiration
                 ):
                     found[r.subkey] = r
         return [found[s] for s in sorted(found)]
 
+    async def _ask_holders(
+        self, request: KadMessage, quorum: int
+    ) -> list[tuple[bytes, KadMessage]]:
+        """One parallel round to `quorum` peers drawn at random from those that held the key at
+        the last read. A heartbeat's re-read of a model's announcements was a full lookup (about
+        7 requests, the same closest few peers hit by every reader); this is `quorum` requests
+        spread over the k holders. Holders that fail or no longer hold the key are forgotten;
+        the caller falls back to a lookup when fewer than `quorum` answered with records."""
+        holders = self._holders.get(request.key, [])
+        if len(holders) < quorum:
+            return []
+        answers: list[tuple[bytes, KadMessage]] = []
+
+        async def one(peer: bytes) -> None:
+            try:
+                answers.append((peer, await self.rpc.request(ID(peer), request)))
+            except (PeerUnavailable, RemoteError) as e:
+                log.debug("get from a holder: %s", e)
+                self.table.on_failure(peer, trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            for peer in random.sample(holders, quorum):
+                nursery.start_soon(one, peer)
+        return answers
+
+    def _remember_holders(self, key: bytes, answers: list[tuple[bytes, KadMessage]]) -> None:
+        """Holders of `key` for the next `_ask_holders`: of the peers that answered with records
+        and those they named as closest to the key, the k closest to it (where publishers put);
+        peers that answered without records are dropped. Bounded in keys (oldest out)."""
+        known = self._holders.pop(key, [])
+        empty = {peer for peer, a in answers if a.record is None}
+        fresh = [peer for peer, a in answers if a.record is not None]
+        named = [
+            p.peer_id
+            for _, a in answers
+            if a.record is not None
+            for p in a.closer_peers
+            if p.peer_id != self.local_id.to_bytes()
+        ]
+        target = int.from_bytes(kad_key(key), "big")
+        holders = sorted(
+            (p for p in set(fresh) | set(known) | set(named) if p not in empty),
+            key=lambda p: int.from_bytes(kad_key(p), "big") ^ target,
+        )
+        self._holders[key] = holders[: self.config.k]
+        while len(self._holders) > MAX_HELD_KEYS:
+            del self._holders[next(iter(self._holders))]
+
     async def put(self, record: SignedRecord) -> int:
         """Stores `record` locally and on the k peers closest to its key; returns how many
         peers acknowledged."""
         self.store.put(record, self.wall_clock())
-        closest = await self.find_peers(record.key)
+        holders = self._holders.get(record.key, [])
+        reuse = self._puts_without_lookup.get(record.key, PUT_LOOKUP_EVERY)
+        if len(holders) >= self.config.k // 2 and reuse < PUT_LOOKUP_EVERY:
+            # A heartbeat's re-put of an announcement went through a full lookup (~20 requests)
+            # to find the same k peers as last time: every server's lookups were most of the
+            # swarm's DHT requests (issue 12's simulation). The holders read at the last
+            # quorum read are those peers; a lookup every few puts finds newcomers near the key.
+            closest = holders
+            self._puts_without_lookup[record.key] = reuse + 1
+        else:
+            closest = await self.find_peers(record.key)
+            self._puts_without_lookup[record.key] = 0
         request = KadMessage(
             MessageType.PUT_VALUE, key=record.key, record=DhtRecord(record.key, record.to_bytes())
         )
@@ -322,6 +403,10 @@ class DhtNode:
         async with trio.open_nursery() as nursery:
             for p in closest:
                 nursery.start_soon(one, p)
+        if acked < len(closest) // 2:
+            self._puts_without_lookup[record.key] = PUT_LOOKUP_EVERY  # look up next time
+        while len(self._puts_without_lookup) > MAX_HELD_KEYS:
+            del self._puts_without_lookup[next(iter(self._puts_without_lookup))]
         return acked
 
     # ---- lifetime --------------------------------------------------------------------------
@@ -372,19 +457,19 @@ def _bucket_of(table: RoutingTable, target: bytes) -> int:
     return max(d.bit_length() - 1, 0)
 
 
-def _bundle(records: list[SignedRecord]) -> bytes:
+def _bundle(records: list[SignedRecord], budget: int = MAX_RECORD_VALUE_BYTES) -> bytes:
     """CBOR list of encoded records cut to what one protobuf record may hold: newest first when
-    all fit, else a random sample. With more publishers than fit (~40 announcements), "newest
+    all fit, else a random sample. With more publishers than fit (~140 announcements), "newest
     first" gave every answer the same ones and hid the others from every reader (issue 12's
     simulation: views held 41 % of 105 servers); samples differ per answer and per heartbeat,
     so a reader merging a few answers over a few heartbeats sees them all."""
     encoded = [r.to_bytes() for r in sorted(records, key=lambda r: -r.expiration)]
-    if 1 + sum(len(b) + 5 for b in encoded) > MAX_RECORD_VALUE_BYTES:
+    if 1 + sum(len(b) + 5 for b in encoded) > budget:
         random.shuffle(encoded)
     out: list[bytes] = []
     size = 1
     for b in encoded:
-        if size + len(b) + 5 > MAX_RECORD_VALUE_BYTES:
+        if size + len(b) + 5 > budget:
             break
         out.append(b)
         size += len(b) + 5
@@ -392,8 +477,14 @@ def _bundle(records: list[SignedRecord]) -> bytes:
 
 
 def _unbundle(
-    data: bytes, now: float, rejected: Counter[str], verified: VerifiedRecords
+    data: bytes,
+    now: float,
+    rejected: Counter[str],
+    verified: VerifiedRecords,
+    seen: set[bytes],
 ) -> list[SignedRecord]:
+    """The records of one GET answer's bundle, skipping items whose bytes are in `seen` (taken
+    from an earlier answer of the same read) and adding the others."""
     try:
         items = cbor2.loads(data)
     except Exception:
@@ -402,8 +493,9 @@ def _unbundle(
         return []
     out = []
     for item in items[: MAX_CLOSER_PEERS * 8]:
-        if not isinstance(item, bytes):
+        if not isinstance(item, bytes) or item in seen:
             continue
+        seen.add(item)
         try:
             out.append(verified.parse(item, now=now))
         except RecordError as e:

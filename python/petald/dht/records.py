@@ -24,7 +24,7 @@ from libp2p.crypto.pb import crypto_pb2
 from libp2p.peer.id import ID
 
 from petald.errors import RecordError
-from petald.wire.kad_messages import MAX_KEY_BYTES, MAX_PEER_ID_BYTES, MAX_RECORD_VALUE_BYTES
+from petald.wire.kad_messages import MAX_KEY_BYTES, MAX_PEER_ID_BYTES
 
 __all__ = [
     "MAX_CLOCK_SKEW_SECONDS",
@@ -41,8 +41,9 @@ __all__ = [
 ]
 
 SIGNATURE_DOMAIN = b"petald-dht-record:v1"
-# A whole encoded record must fit in the kad-dht message's record value.
-MAX_RECORD_BYTES = MAX_RECORD_VALUE_BYTES
+# One encoded record (an announcement is ~400 bytes). Well under the kad-dht record value,
+# which carries a bundle of many publishers' records in a GET answer.
+MAX_RECORD_BYTES = 16 * 1024
 # Publishers republish well within a day; a record that claims to live longer would outlive its
 # publisher leaving (and let one peer pin an entry for good), so it is rejected.
 MAX_TTL_SECONDS = 24 * 3600.0
