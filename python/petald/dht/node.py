@@ -143,8 +143,8 @@ class DhtNode:
         # The k closest we know (§2.3); k is 20 (the wire bound) unless configured smaller.
         # Kept for a second per key: a holder of a model's announcements answers every peer's
         # re-read of the same key, and building the same 20 peer records each time (peerstore
-        # reads, checks) was a fifth of the 1,000-peer simulation's CPU. A second-old answer
-        # is as good: the table changes on the scale of requests, not of microseconds.
+        # reads, checks) was a fifth of the 1,000-peer simulation's CPU. Dropped whenever the
+        # table gains or evicts a peer (`_seen_alive`, `_failed`).
         now = trio.current_time()
         cached = self._closer_cache.get(key)
         if cached is not None and now - cached[0] < CLOSER_CACHE_SECONDS:
@@ -227,8 +227,14 @@ class DhtNode:
             ids.append(p.peer_id)
         return ids
 
+    def _failed(self, peer: bytes) -> None:
+        if self.table.on_failure(peer, trio.current_time())[0] == "evicted":
+            self._closer_cache.clear()  # answers must not name the evicted peer
+
     def _seen_alive(self, peer: bytes) -> None:
         outcome, to_ping = self.table.update(peer, trio.current_time())
+        if outcome == "inserted":
+            self._closer_cache.clear()  # the newcomer may be among the closest to a key
         if outcome == "pending" and to_ping is not None:
             # §2.2: a full bucket keeps its oldest contact if it still answers. We leave the
             # ping to the next refresh; the newcomer waits in the replacement cache.
@@ -264,7 +270,7 @@ class DhtNode:
             except (PeerUnavailable, RemoteError) as e:
                 log.debug("lookup: %s", e)
                 lookup.on_failure(peer, trio.current_time())
-                self.table.on_failure(peer, trio.current_time())
+                self._failed(peer)
             else:
                 answers.append((peer, answer))
                 closer = self._learn(answer.closer_peers)
@@ -356,7 +362,7 @@ class DhtNode:
                 answers.append((peer, await self.rpc.request(ID(peer), request)))
             except (PeerUnavailable, RemoteError) as e:
                 log.debug("get from a holder: %s", e)
-                self.table.on_failure(peer, trio.current_time())
+                self._failed(peer)
 
         async with trio.open_nursery() as nursery:
             for peer in random.sample(holders, quorum):

@@ -82,3 +82,32 @@ def test_reads_ask_the_holders_and_fall_back_to_a_lookup() -> None:
     assert [r.value for r in out["third"]] == [b"v"]
     assert out["third_lookups"] == 2, out
     assert out["put_lookups"] == 1, out
+
+
+async def _evict_main() -> dict:
+    async with trio.open_nursery() as nursery:
+        swarm = SimSwarm(nursery, seed=2, dht_config=DhtConfig(k=8))
+        peers = []
+        for _ in range(12):
+            peer = swarm.join()
+            await peer.ready.wait()
+            peers.append(peer)
+        node = peers[0].dht
+        target = next(p.peer_id.to_bytes() for p in peers[1:] if p.peer_id.to_bytes() in node.table)
+        before = [p.peer_id for p in node._closer(target)]
+        for _ in range(10):  # bounded: evicted after a few failures in a row
+            node._failed(target)
+            if target not in node.table:
+                break
+        after = [p.peer_id for p in node._closer(target)]
+        nursery.cancel_scope.cancel()
+    return {"target": target, "before": before, "after": after}
+
+
+def test_answers_stop_naming_an_evicted_peer_at_once() -> None:
+    """A holder's closer peers for a key are kept for a second (`_closer`), but not past a change
+    of its table. Catches: a cache that is not dropped when a peer is evicted (the dead peer
+    goes on being named for up to a second: every reader then asks it and waits out a timeout)."""
+    out = trio.run(_evict_main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert out["target"] in out["before"]
+    assert out["target"] not in out["after"], out
