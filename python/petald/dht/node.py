@@ -28,7 +28,7 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
 from petald._native import ClosestPeersLookup, RoutingTable, xor_distance
-from petald.dht.records import RecordStore, SignedRecord
+from petald.dht.records import MAX_SUBKEYS_PER_KEY, RecordStore, SignedRecord
 from petald.dht.rpc import DhtRpc
 from petald.dht.verified import VerifiedRecords
 from petald.errors import PeerUnavailable, RecordError, RemoteError
@@ -513,7 +513,7 @@ def _unbundle(
     if not isinstance(items, list):
         return []
     out = []
-    for item in items[: MAX_CLOSER_PEERS * 8]:
+    for item in items[:MAX_SUBKEYS_PER_KEY]:
         if not isinstance(item, bytes) or item in seen:
             continue
         seen.add(item)

@@ -52,8 +52,10 @@ MAX_CLOCK_SKEW_SECONDS = 300.0
 # A libp2p-protobuf Ed25519 public key is 36 bytes; an Ed25519 signature is exactly 64.
 # RecordStore bounds. A key is one block of one model; 4096 covers a few large models' blocks.
 MAX_STORE_KEYS = 4096
-# One entry per server holding that block; a popular block may be served by a hundred peers.
-MAX_SUBKEYS_PER_KEY = 128
+# One entry per publisher: a model's announcements are one key, one entry per server (issue
+# 12: 128 hid servers past the 128th from every reader). What a GET answer can carry (~550
+# announcements, petald.wire.kad_messages.MAX_RECORD_VALUE_BYTES) is the bound that matters.
+MAX_SUBKEYS_PER_KEY = 512
 # The binding bound in practice (keys x subkeys x MAX_RECORD_BYTES would be gigabytes).
 MAX_STORE_BYTES = 32 * 1024 * 1024
 _ED25519_KEY_BYTES = 32

@@ -42,11 +42,11 @@ __all__ = [
 
 PROTOCOL_ID = "/petald/kad/1.0.0"
 
-# One message, prefix excluded. 20 closer peers with a few addresses each take ~4 KiB and a
-# record value at most MAX_RECORD_VALUE_BYTES (a GET answer cuts its bundle to what fits beside
-# its closer peers); it also bounds what a peer
-# makes us buffer and parse per message (go-libp2p allows 4 MiB; we have no use for that much).
-MAX_MESSAGE_BYTES = 64 * 1024
+# One message, prefix excluded. 20 closer peers with a few addresses each take ~4 KiB; the
+# rest is a GET answer's record value (a GET answer cuts its bundle to what fits beside its
+# closer peers). It also bounds what a peer makes us buffer and parse per message (go-libp2p
+# allows 4 MiB).
+MAX_MESSAGE_BYTES = 256 * 1024
 # k in the kad-dht spec ("Replication parameter"): an honest peer never returns more closer
 # peers than k. More is a protocol violation and is rejected, not truncated, so a hostile peer
 # cannot choose which of its entries survive.
@@ -62,11 +62,12 @@ MAX_PEER_ID_BYTES = 128
 # DHT keys are petald names ("/petald/..."), SHA-256 digests or peer ids: short by design.
 MAX_KEY_BYTES = 256
 # The protobuf record's value: one signed record in a PUT (at most petald.dht.records'
-# MAX_RECORD_BYTES), every publisher's records under a key, bundled, in a GET answer. 16 KiB held
-# ~40 announcements, and a model with 105 servers reached each reader in samples (issue 12's
-# simulation: views 96 % complete, a new server missed by over 1 % of peers after 3 heartbeats);
-# 56 KiB holds ~140 and leaves room in a 64 KiB message for the closer peers.
-MAX_RECORD_VALUE_BYTES = 56 * 1024
+# MAX_RECORD_BYTES), every publisher's records under a key, bundled, in a GET answer. At 16 KiB
+# (~40 announcements) and then 56 KiB (~140), readers of a model with more servers got samples:
+# issue 12's simulation had views 96 % complete with 105 servers, and 300 servers placing
+# themselves through the DHT piled up on blocks they could not see served (max/min 5.3 servers
+# per block). 224 KiB holds ~550 announcements.
+MAX_RECORD_VALUE_BYTES = 224 * 1024
 # RFC 3339 timestamps are ~35 characters.
 MAX_TIME_RECEIVED_CHARS = 64
 

@@ -17,6 +17,10 @@ from petald.sim.net import SimNetwork
 NOW = 1.8e9
 
 
+def key_of(i: int):
+    return create_new_key_pair(i.to_bytes(2, "big") * 16)
+
+
 def test_verified_records_check_once_expire_and_refuse_forgeries() -> None:
     """Catches: a cache that serves an expired record (no expiry check on a hit), one keyed
     loosely enough that tampered bytes pass, or one that verifies every time (no hits)."""
@@ -42,7 +46,7 @@ def test_verified_records_check_once_expire_and_refuse_forgeries() -> None:
 
 
 def test_full_get_answers_sample_different_publishers() -> None:
-    """200 publishers' records under one key do not fit one answer (~140 do): two answers carry
+    """300 publishers' 1 KB records under one key do not fit one answer (~190 do): two answers carry
     different samples, and all of them when few enough fit.
 
     Catches: answers cut to the newest records (every reader then sees the same ~40 servers of
@@ -52,12 +56,14 @@ def test_full_get_answers_sample_different_publishers() -> None:
     from petald.dht.node import _bundle
 
     records = [
-        sign_record(create_new_key_pair(bytes([i]) * 32).private_key, b"k", b"x" * 200, NOW + i)
-        for i in range(1, 201)
+        sign_record(key_of(i).private_key, b"k", b"x" * 1000, NOW + i) for i in range(1, 301)
     ]
     first, second = (set(cbor2.loads(_bundle(records))) for _ in range(2))
-    assert 100 <= len(first) < 200
+    assert 100 <= len(first) < 300
     assert first != second
+    assert (
+        5 <= len(cbor2.loads(_bundle(records, 10_000))) and len(_bundle(records, 10_000)) <= 10_000
+    )
     assert len(cbor2.loads(_bundle(records[:5]))) == 5
 
 

@@ -193,8 +193,11 @@ async def test_max_size_caps_the_read() -> None:
 
 def test_encode_refuses_what_it_would_not_accept() -> None:
     fat = PeerRecord(bytes(128), (bytes(512),) * 16)
-    with pytest.raises(MessageError):
-        encode_message(KadMessage(MessageType.FIND_NODE, b"k", closer_peers=(fat,) * 20))
+    full = DhtRecord(b"k", bytes(km.MAX_RECORD_VALUE_BYTES))
+    with pytest.raises(MessageError):  # each within its bound, together over the message's
+        encode_message(
+            KadMessage(MessageType.GET_VALUE, b"k", record=full, closer_peers=(fat,) * 20)
+        )
     with pytest.raises(MessageError):
         KadMessage(MessageType.FIND_NODE, b"k", closer_peers=(PEER,) * 21)
     with pytest.raises(MessageError):
