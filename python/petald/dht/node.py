@@ -116,8 +116,9 @@ class DhtNode:
         # Records refused at the edge (bad signature, tampered, expired, ...) by reason; the
         # store counts its own refusals in `store.rejected`.
         self.rejected: Counter[str] = Counter()
-        # Per key read with a quorum: peers that held it at the last read (`_ask_holders`).
+        # Per key read with a quorum: the k closest peers that read found (`_remember_holders`).
         self._holders: dict[bytes, list[bytes]] = {}
+        self._lacking: dict[bytes, set[bytes]] = {}  # of those, lacking records at the last read
         self._puts_without_lookup: dict[bytes, int] = {}
         self._closer_cache: dict[bytes, tuple[float, tuple[PeerRecord, ...]]] = {}
         self.rpc = DhtRpc(host, self._handle, rpc_timeout=self.config.rpc_timeout, dialer=dialer)
@@ -156,6 +157,17 @@ class DhtNode:
             del self._closer_cache[next(iter(self._closer_cache))]
         return peers
 
+    def _among_closest(self, key: bytes) -> bool:
+        """Whether we are one of the k peers closest to `key` that we know of (where
+        publishers would put it)."""
+        target = kad_key(key)
+        closest = self.table.closest(target, self.config.k)
+        if len(closest) < self.config.k:
+            return True
+        mine = int.from_bytes(self.table.local_key, "big") ^ int.from_bytes(target, "big")
+        kth = int.from_bytes(kad_key(closest[-1]), "big") ^ int.from_bytes(target, "big")
+        return mine < kth
+
     def _maybe_add_requester(self, peer: ID) -> None:
         """A peer that asks us something enters our table only if it serves the DHT itself
         (identify lists our protocol): client-mode and unreachable peers never register the
@@ -181,6 +193,12 @@ class DhtNode:
             )
         if msg.type == MessageType.GET_VALUE:
             records = self.store.get(msg.key, now)
+            if records and not self._among_closest(msg.key):
+                # Our own record, kept for our reads, is not served from far from the key: a
+                # far server answering with it alone made a newcomer's quorum of 3 such
+                # answers, and its first read saw 3 servers of 100 (issue 12's placement).
+                me = self.local_id.to_bytes()
+                records = [r for r in records if r.subkey != me]
             closer = self._closer(msg.key)
             # The bundle gets what the closer peers leave of one message (their addresses are
             # what peers told us: up to 16 of 512 bytes each).
@@ -245,8 +263,8 @@ class DhtNode:
     ) -> tuple[list[bytes], list[tuple[bytes, KadMessage]]]:
         """Iterative lookup (§2.3) for `request.key`, sending `request` to each peer the state
         machine picks. Returns the closest peers that answered and every answer with the peer
-        that gave it; with `quorum`,
-        stops as soon as that many answers carried a record (libp2p's GetValue quorum)."""
+        that gave it; with `quorum`, stops as soon as that many answers carried the full set of
+        records (`_agreeing`; libp2p's GetValue quorum counts any answer with a record)."""
         now = trio.current_time()
         target = kad_key(request.key)
         seeds = self.table.closest(target, self.config.k)
@@ -284,7 +302,7 @@ class DhtNode:
             async with trio.open_nursery() as nursery:
                 # Bounded: each step either queries a new peer (finite candidates) or waits
                 # for an answer or a peer timeout.
-                while quorum is None or sum(a.record is not None for _, a in answers) < quorum:
+                while quorum is None or _agreeing(answers) < quorum:
                     step, peer = lookup.next(trio.current_time())
                     if step == "finished":
                         break
@@ -326,7 +344,7 @@ class DhtNode:
         answers: list[tuple[bytes, KadMessage]] = []
         if quorum is not None:
             answers = await self._ask_holders(request, quorum)
-        if quorum is None or sum(a.record is not None for _, a in answers) < quorum:
+        if quorum is None or _agreeing(answers) < quorum:
             _, found_by_lookup = await self._lookup(request, quorum=quorum)
             answers += found_by_lookup
         if quorum is not None:
@@ -352,7 +370,8 @@ class DhtNode:
         7 requests, the same closest few peers hit by every reader); this is `quorum` requests
         spread over the k holders. Holders that fail or no longer hold the key are forgotten;
         the caller falls back to a lookup when fewer than `quorum` answered with records."""
-        holders = self._holders.get(request.key, [])
+        lacking = self._lacking.get(request.key, set())
+        holders = [p for p in self._holders.get(request.key, []) if p not in lacking]
         if len(holders) < quorum:
             return []
         answers: list[tuple[bytes, KadMessage]] = []
@@ -363,6 +382,7 @@ class DhtNode:
             except (PeerUnavailable, RemoteError) as e:
                 log.debug("get from a holder: %s", e)
                 self._failed(peer)
+                self._forget_holder(request.key, peer)
 
         async with trio.open_nursery() as nursery:
             for peer in random.sample(holders, quorum):
@@ -370,27 +390,42 @@ class DhtNode:
         return answers
 
     def _remember_holders(self, key: bytes, answers: list[tuple[bytes, KadMessage]]) -> None:
-        """Holders of `key` for the next `_ask_holders`: of the peers that answered with records
-        and those they named as closest to the key, the k closest to it (where publishers put);
-        peers that answered without records are dropped. Bounded in keys (oldest out)."""
+        """The k peers closest to `key` among those that answered and those named as closest
+        to it: where publishers put (`put`), and, less the peers that lacked records at this
+        read (`_lacking`), where `_ask_holders` reads. A peer that lacks them stays a put
+        target: dropping it left a peer that came close to the key partial until the
+        publisher's next lookup, and a newcomer's first read that reached only such peers saw
+        3 servers out of 100 (issue 12's placement through the DHT). Bounded in keys."""
         known = self._holders.pop(key, [])
-        empty = {peer for peer, a in answers if a.record is None}
-        fresh = [peer for peer, a in answers if a.record is not None]
-        named = [
+        sizes = [len(a.record.value) for _, a in answers if a.record is not None]
+        full = 0.9 * max(sizes, default=0)
+        lacking = {peer for peer, a in answers if a.record is None or len(a.record.value) < full}
+        answered = {peer for peer, _ in answers}
+        named = {
             p.peer_id
             for _, a in answers
             if a.record is not None
             for p in a.closer_peers
             if p.peer_id != self.local_id.to_bytes()
-        ]
+        }
         target = int.from_bytes(kad_key(key), "big")
         holders = sorted(
-            (p for p in set(fresh) | set(known) | set(named) if p not in empty),
+            answered | set(known) | named,
             key=lambda p: int.from_bytes(kad_key(p), "big") ^ target,
-        )
-        self._holders[key] = holders[: self.config.k]
+        )[: self.config.k]
+        self._holders[key] = holders
+        still = self._lacking.pop(key, set()) - answered
+        self._lacking[key] = (lacking | still) & set(holders)
         while len(self._holders) > MAX_HELD_KEYS:
-            del self._holders[next(iter(self._holders))]
+            oldest = next(iter(self._holders))
+            del self._holders[oldest]
+            self._lacking.pop(oldest, None)
+
+    def _forget_holder(self, key: bytes, peer: bytes) -> None:
+        """`peer` failed a request for `key`: neither asked nor put to until it is named again."""
+        holders = self._holders.get(key)
+        if holders is not None and peer in holders:
+            holders.remove(peer)
 
     async def put(self, record: SignedRecord) -> int:
         """Stores `record` locally and on the k peers closest to its key; returns how many
@@ -403,27 +438,32 @@ class DhtNode:
             # to find the same k peers as last time: every server's lookups were most of the
             # swarm's DHT requests (issue 12's simulation). The holders read at the last
             # quorum read are those peers; a lookup every few puts finds newcomers near the key.
-            closest = holders
+            closest = list(holders)
             self._puts_without_lookup[record.key] = reuse + 1
         else:
             closest = await self.find_peers(record.key)
             self._puts_without_lookup[record.key] = 0
+            if record.key in self._holders:  # the next re-puts go where this one went
+                self._holders[record.key] = list(closest)
         request = KadMessage(
             MessageType.PUT_VALUE, key=record.key, record=DhtRecord(record.key, record.to_bytes())
         )
-        acked = 0
+        stored: set[bytes] = set()
 
         async def one(peer: bytes) -> None:
-            nonlocal acked
             try:
                 await self.rpc.request(ID(peer), request)
-                acked += 1
+                stored.add(peer)
             except (PeerUnavailable, RemoteError) as e:
                 log.debug("put: %s", e)
+                self._forget_holder(record.key, peer)
 
         async with trio.open_nursery() as nursery:
             for p in closest:
                 nursery.start_soon(one, p)
+        acked = len(stored)
+        if record.key in self._lacking:
+            self._lacking[record.key] -= stored
         if acked < len(closest) // 2:
             self._puts_without_lookup[record.key] = PUT_LOOKUP_EVERY  # look up next time
         while len(self._puts_without_lookup) > MAX_HELD_KEYS:
@@ -476,6 +516,19 @@ def _key_in_bucket(local_key: bytes, bucket: int) -> bytes | None:
 def _bucket_of(table: RoutingTable, target: bytes) -> int:
     d = int.from_bytes(xor_distance(table.local_key, target), "big")
     return max(d.bit_length() - 1, 0)
+
+
+def _agreeing(answers: list[tuple[bytes, KadMessage]]) -> int:
+    """How many answers carry records and as many as the fullest answer (within a tenth, by
+    size: a publisher's re-signed record keeps its size). A peer that came close to the key
+    since the publishers last looked their holders up has a few of the records only: a quorum
+    counting it stopped a newcomer's first read at 3 servers out of 100 (issue 12's placement
+    through the DHT), so such answers are merged but do not count."""
+    sizes = [len(a.record.value) for _, a in answers if a.record is not None]
+    if not sizes:
+        return 0
+    full = 0.9 * max(sizes)
+    return sum(size >= full for size in sizes)
 
 
 def _bundle(records: list[SignedRecord], budget: int = MAX_RECORD_VALUE_BYTES) -> bytes:

@@ -61,9 +61,8 @@ def test_full_get_answers_sample_different_publishers() -> None:
     first, second = (set(cbor2.loads(_bundle(records))) for _ in range(2))
     assert 100 <= len(first) < 300
     assert first != second
-    assert (
-        5 <= len(cbor2.loads(_bundle(records, 10_000))) and len(_bundle(records, 10_000)) <= 10_000
-    )
+    small = _bundle(records, 10_000)  # what is left beside fat closer peers
+    assert len(small) <= 10_000 and len(cbor2.loads(small)) >= 5
     assert len(cbor2.loads(_bundle(records[:5]))) == 5
 
 
