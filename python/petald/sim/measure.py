@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 PROBE_EVERY = 10.0
 SAMPLE_EVERY = 3.0
 REACH = 0.99
+JUDGED_HEARTBEATS = 4  # a join's reach is judged if it came this long before the phase's end
 
 
 def rss_bytes() -> int:
@@ -164,9 +165,14 @@ class Recorder:
         assert self.t0 is not None
         rounds = [s.rounds for _, s in self.swarm.lookups if s.rounds > 0]
         heartbeat = self.swarm.announce_config.heartbeat
+        # A server that joined in the last JUDGED_HEARTBEATS of the phase had no time to reach
+        # anyone: it is counted apart, not as a failure (one churn replacement 10 s before the
+        # end made a whole run's p99 infinite). Earlier joins that never reached 99 % are.
+        end = self.t0 + self.minutes * 60
+        judged = [j for j in self.joins if j.since <= end - JUDGED_HEARTBEATS * heartbeat]
         reach = [
             (j.reached_at - j.since) / heartbeat if j.reached_at is not None else float("inf")
-            for j in self.joins
+            for j in judged
         ]
         sent = [
             (
@@ -194,6 +200,7 @@ class Recorder:
             "announce_p99_heartbeats": round(max(reach), 2) if reach else None,
             "announce_p99_heartbeats_median": round(statistics.median(reach), 2) if reach else None,
             "announce_joins": len(reach),
+            "announce_joins_too_late": len(self.joins) - len(judged),
             "view_completeness_min": round(min(self.completeness), 4)
             if self.completeness
             else None,
