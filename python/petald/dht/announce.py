@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import trio
 from libp2p.abc import IHost
@@ -49,6 +50,16 @@ MAX_WATCHED_MODELS = 64
 READ_QUORUM = 3
 # Parsed announcements (and publisher names) kept per peer: a few heartbeats of a large swarm.
 PARSED_CAPACITY = 4096
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _keep(cache: dict[_K, _V], key: _K, value: _V) -> _V:
+    """Stores `value` in a cache bounded by PARSED_CAPACITY (oldest out); returns it."""
+    cache[key] = value
+    if len(cache) > PARSED_CAPACITY:
+        del cache[next(iter(cache))]
+    return value
 
 
 def topic_for(model: str) -> str:
@@ -121,8 +132,6 @@ class Announcer:
         self._last_published: ServerInfo | None = None
         self._retry_soon = False
         self._publish_done = trio.Event()
-        # Publisher (DHT subkey) -> expiry of its announcement last merged from the DHT.
-        self._from_dht: dict[bytes, float] = {}
         # A server re-signs the same announcement every heartbeat with a later expiry: every
         # re-read brings every server's record anew, but its value and publisher repeat.
         # Parsing them again was most of a peer's CPU in the 1,000-peer simulation.
@@ -162,10 +171,7 @@ class Announcer:
                 raise AnnouncementError("announcement for another model's key")
             info = self._parsed.get(record.value)
             if info is None:
-                info = ServerInfo.from_cbor(record.value)
-                self._parsed[record.value] = info
-                if len(self._parsed) > PARSED_CAPACITY:
-                    del self._parsed[next(iter(self._parsed))]
+                info = _keep(self._parsed, record.value, ServerInfo.from_cbor(record.value))
             if info.model != model:
                 raise AnnouncementError("announcement names another model")
         except RecordError as e:
@@ -177,9 +183,7 @@ class Announcer:
         # The signed expiry orders one publisher's announcements: a later one expires later.
         name = self._names.get(record.subkey)
         if name is None:
-            name = self._names[record.subkey] = str(ID(record.subkey))
-            if len(self._names) > PARSED_CAPACITY:
-                del self._names[next(iter(self._names))]
+            name = _keep(self._names, record.subkey, str(ID(record.subkey)))
         entry = ServerEntry(name, info, record.expiration, record.expiration, source)
         if self.view.update(entry, now=now):
             self._notify()
@@ -220,19 +224,8 @@ class Announcer:
         """Reads the model's announcements from the DHT; returns how many were valid."""
         records = await self.dht.get(model_key(model), quorum=READ_QUORUM)
         now = self.wall_clock()
-        valid = 0
-        for r in records:  # verified by the DHT node already
-            if self._from_dht.get(r.subkey, 0.0) >= r.expiration:
-                # Merged at an earlier read: most of a re-read, and parsing the announcement
-                # again was most of a peer's CPU in the 1,000-peer simulation.
-                valid += 1
-                continue
-            if self._merge(r, model, "dht", now):
-                valid += 1
-                self._from_dht[r.subkey] = r.expiration
-        for subkey in [k for k, t in self._from_dht.items() if t <= now]:
-            del self._from_dht[subkey]  # bounded by the live announcements
-        return valid
+        # Verified by the DHT node already: merged without a second check.
+        return sum(self._merge(r, model, "dht", now) for r in records)
 
     async def watch(self, model: str) -> None:
         """Follows `model`: its gossip topic, and its DHT key now and every heartbeat."""

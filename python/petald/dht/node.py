@@ -397,8 +397,7 @@ class DhtNode:
         publisher's next lookup, and a newcomer's first read that reached only such peers saw
         3 servers out of 100 (issue 12's placement through the DHT). Bounded in keys."""
         known = self._holders.pop(key, [])
-        sizes = [len(a.record.value) for _, a in answers if a.record is not None]
-        full = 0.9 * max(sizes, default=0)
+        full = _full_size(answers)
         lacking = {peer for peer, a in answers if a.record is None or len(a.record.value) < full}
         answered = {peer for peer, _ in answers}
         named = {
@@ -524,11 +523,13 @@ def _agreeing(answers: list[tuple[bytes, KadMessage]]) -> int:
     since the publishers last looked their holders up has a few of the records only: a quorum
     counting it stopped a newcomer's first read at 3 servers out of 100 (issue 12's placement
     through the DHT), so such answers are merged but do not count."""
-    sizes = [len(a.record.value) for _, a in answers if a.record is not None]
-    if not sizes:
-        return 0
-    full = 0.9 * max(sizes)
-    return sum(size >= full for size in sizes)
+    full = _full_size(answers)
+    return sum(a.record is not None and len(a.record.value) >= full for _, a in answers)
+
+
+def _full_size(answers: list[tuple[bytes, KadMessage]]) -> float:
+    """The bundle size an answer must reach to carry the full set: 90 % of the largest."""
+    return 0.9 * max((len(a.record.value) for _, a in answers if a.record is not None), default=0)
 
 
 def _bundle(records: list[SignedRecord], budget: int = MAX_RECORD_VALUE_BYTES) -> bytes:

@@ -11,21 +11,27 @@ import trio.testing
 from petald.dht.node import PUT_LOOKUP_EVERY, DhtConfig
 from petald.dht.records import sign_record
 from petald.sim.scenarios import span_for
-from petald.sim.swarm import MODEL, SimSwarm, wall_clock
+from petald.sim.swarm import MODEL, SimPeer, SimSwarm, wall_clock
 from petald.wire.kad_messages import MessageType
 
 KEY = b"petald/v1/test/servers"
+
+
+async def _joined(swarm: SimSwarm, n: int) -> list[SimPeer]:
+    """`n` peers joined one after another, each ready before the next."""
+    peers = []
+    for _ in range(n):
+        peer = swarm.join()
+        await peer.ready.wait()
+        peers.append(peer)
+    return peers
 
 
 async def _main() -> dict:
     out: dict = {}
     async with trio.open_nursery() as nursery:
         swarm = SimSwarm(nursery, seed=1, dht_config=DhtConfig(k=8))
-        peers = []
-        for _ in range(30):
-            peer = swarm.join()
-            await peer.ready.wait()
-            peers.append(peer)
+        peers = await _joined(swarm, 30)
         publisher, reader = peers[3], peers[-1]
         lookups: list[tuple[MessageType, bytes]] = []  # the reader's
         put_lookups: list[tuple[MessageType, bytes]] = []  # the publisher's
@@ -88,11 +94,7 @@ def test_reads_ask_the_holders_and_fall_back_to_a_lookup() -> None:
 async def _evict_main() -> dict:
     async with trio.open_nursery() as nursery:
         swarm = SimSwarm(nursery, seed=2, dht_config=DhtConfig(k=8))
-        peers = []
-        for _ in range(12):
-            peer = swarm.join()
-            await peer.ready.wait()
-            peers.append(peer)
+        peers = await _joined(swarm, 12)
         node = peers[0].dht
         target = next(p.peer_id.to_bytes() for p in peers[1:] if p.peer_id.to_bytes() in node.table)
         before = [p.peer_id for p in node._closer(target)]
